@@ -1,0 +1,68 @@
+"""Shared pieces of the benchmark scripts: environment record, timing, result files."""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def device_tag(device: torch.device) -> str:
+    """Short name for result files: ``cpu``, ``h100``, ``h200``…"""
+    if device.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device).lower()
+    return next((tag for tag in ("h100", "h200", "a100", "l4", "a10") if tag in name), name.split()[-1])
+
+
+def versions(*packages: str) -> dict[str, str]:
+    found = {}
+    for package in ("torch", "transformers", "peftlab", *packages):
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 3) -> float:
+    """Median wall time of ``fn`` in milliseconds (synchronising CUDA around each call)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def write_result(name: str, data: dict) -> Path:
+    """Write ``benchmarks/results/<name>.json`` atomically and return its path."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    fd, tmp = tempfile.mkstemp(dir=RESULTS, suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle, indent=2)
+        handle.write("\n")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny random models built from transformers configs (no network)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests run only where CUDA exists; elsewhere they are reported as skipped."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def _build(model_cls, config, dtype, seed):
+    torch.manual_seed(seed)
+    model = model_cls(config).to(dtype)
+    model.eval()
+    return model
+
+
+def make_llama(dtype=torch.float32, seed=0, **overrides):
+    """A 2-layer Llama with grouped-query attention (4 query heads, 2 key/value heads)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+               tie_word_embeddings=False)
+    cfg.update(overrides)
+    return _build(LlamaForCausalLM, LlamaConfig(**cfg), dtype, seed)
+
+
+def make_gpt2(dtype=torch.float32, seed=0, **overrides):
+    """A 2-layer GPT-2 (Conv1D projections, tied embeddings)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256)
+    cfg.update(overrides)
+    return _build(GPT2LMHeadModel, GPT2Config(**cfg), dtype, seed)
+
+
+def make_bert_classifier(dtype=torch.float32, seed=0, **overrides):
+    """A 2-layer BERT with a 3-way sequence-classification head."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+               intermediate_size=96, max_position_embeddings=256, num_labels=3)
+    cfg.update(overrides)
+    return _build(BertForSequenceClassification, BertConfig(**cfg), dtype, seed)
+
+
+MODEL_FACTORIES = {"llama": make_llama, "gpt2": make_gpt2, "bert": make_bert_classifier}
+
+
+@pytest.fixture(params=sorted(MODEL_FACTORIES))
+def any_model_factory(request):
+    """Parametrises a test over the three tiny architectures."""
+    return MODEL_FACTORIES[request.param]
+
+
+@pytest.fixture
+def token_batch():
+    """A fixed batch of token ids and attention mask (batch 2, length 12)."""
+    g = torch.Generator().manual_seed(1234)
+    ids = torch.randint(0, 128, (2, 12), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
