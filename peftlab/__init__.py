@@ -9,11 +9,15 @@
 __version__ = "0.1.0"
 
 from . import registry
-from .adapters import Adapter, AdapterConfig, LoraConfig
+from .adapters import (Adapter, AdapterConfig, BitFitConfig, HoulsbyConfig, LoraConfig, PfeifferConfig,
+                       PrefixTuningConfig)
 from .errors import AdapterStateError, CheckpointError, ConfigError, MergeError, PeftlabError, TargetError
 from .model import PeftModel, load, wrap
+from .quant import NF4Linear, from_pretrained
+from .quant import quantize_model as quantize
 
 __all__ = [
-    "Adapter", "AdapterConfig", "AdapterStateError", "CheckpointError", "ConfigError", "LoraConfig", "MergeError",
-    "PeftModel", "PeftlabError", "TargetError", "load", "registry", "wrap",
+    "Adapter", "AdapterConfig", "AdapterStateError", "BitFitConfig", "CheckpointError", "ConfigError",
+    "HoulsbyConfig", "LoraConfig", "MergeError", "NF4Linear", "PeftModel", "PeftlabError", "PfeifferConfig",
+    "PrefixTuningConfig", "TargetError", "from_pretrained", "load", "quantize", "registry", "wrap",
 ]

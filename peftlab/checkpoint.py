@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -41,8 +42,12 @@ def write_json(path: str | Path, data: dict[str, Any]) -> None:
     _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
-def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], what: str) -> None:
-    """Write tensors as safetensors, atomically; refuses empty or all-zero sets (e.g. unsharded ZeRO-3 stubs)."""
+def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], what: str, zeros_ok: bool = False) -> None:
+    """Write tensors as safetensors, atomically.
+
+    Refuses empty tensors and, unless ``zeros_ok``, sets that are all zeros: both are what sharded
+    parameters look like when they were never gathered (e.g. under ZeRO-3 or FSDP).
+    """
     if not tensors:
         raise CheckpointError(f"refusing to save {what}: it has no tensors.")
     empty = sorted(k for k, t in tensors.items() if t.numel() == 0)
@@ -50,8 +55,11 @@ def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], what: str)
         raise CheckpointError(f"refusing to save {what}: tensor '{empty[0]}' is empty (a sharded or offloaded "
                               "parameter that was never gathered?).")
     if all(not t.any() for t in tensors.values()):
-        raise CheckpointError(f"refusing to save {what}: every tensor is all zeros, which no trained or "
-                              "initialised adapter is (a sharded parameter that was never gathered?).")
+        if not zeros_ok:
+            raise CheckpointError(f"refusing to save {what}: every tensor is all zeros, which no trained or "
+                                  "initialised adapter of this method is (a sharded parameter that was never "
+                                  "gathered?).")
+        warnings.warn(f"saving {what}: every tensor is zero, so it has not been trained yet.", stacklevel=3)
     plain = {k: t.detach().to("cpu", copy=True).contiguous() for k, t in tensors.items()}  # own storage each
     _atomic_write(Path(path), lambda tmp: save_file(plain, tmp, metadata={"format": "pt"}))
 
@@ -102,10 +110,10 @@ def adapter_folder(path: str | Path) -> Path:
 
 
 def save_adapter_files(folder: str | Path, config: dict[str, Any], tensors: dict[str, torch.Tensor],
-                       what: str) -> None:
+                       what: str, zeros_ok: bool = False) -> None:
     """Write one adapter folder (weights first, then config)."""
     folder = Path(folder)
-    write_tensors(folder / WEIGHTS_NAME, tensors, what)
+    write_tensors(folder / WEIGHTS_NAME, tensors, what, zeros_ok)
     write_json(folder / CONFIG_NAME, config)
 
 
@@ -113,3 +121,55 @@ def load_adapter_files(folder: str | Path) -> tuple[dict[str, Any], dict[str, to
     """Read one adapter folder: its config dict and its tensors."""
     folder = adapter_folder(folder)
     return read_json(folder / CONFIG_NAME), read_tensors(folder / WEIGHTS_NAME)
+
+
+# --- nested state (optimizer, scheduler, RNG) as JSON + safetensors, never pickle ----------------
+_TENSOR_REF = "__tensor__"
+
+
+def _split_tree(tree: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
+    if isinstance(tree, torch.Tensor):
+        tensors[path] = tree
+        return {_TENSOR_REF: path}
+    if isinstance(tree, dict):
+        if any(not isinstance(k, (str, int)) for k in tree):
+            raise CheckpointError(f"cannot save state at '{path}': dict keys must be str or int.")
+        return {"__dict__": [[k, _split_tree(v, tensors, f"{path}/{k}")] for k, v in tree.items()]}
+    if isinstance(tree, (list, tuple)):
+        items = [_split_tree(v, tensors, f"{path}/{i}") for i, v in enumerate(tree)]
+        return {"__tuple__": items} if isinstance(tree, tuple) else items
+    if tree is None or isinstance(tree, (bool, int, float, str)):
+        return tree
+    raise CheckpointError(f"cannot save state at '{path}': {type(tree).__name__} is not JSON or a tensor.")
+
+
+def _join_tree(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(tree, list):
+        return [_join_tree(v, tensors) for v in tree]
+    if isinstance(tree, dict):
+        if _TENSOR_REF in tree:
+            return tensors[tree[_TENSOR_REF]]
+        if "__tuple__" in tree:
+            return tuple(_join_tree(v, tensors) for v in tree["__tuple__"])
+        return {k: _join_tree(v, tensors) for k, v in tree["__dict__"]}
+    return tree
+
+
+def save_state(folder: str | Path, name: str, state: Any) -> None:
+    """Save a nested state (dicts, lists, tuples, numbers, strings, tensors) as ``name.json`` + ``name.safetensors``."""
+    folder = Path(folder)
+    tensors: dict[str, torch.Tensor] = {}
+    structure = _split_tree(state, tensors, name)
+    if tensors:
+        plain = {k: t.detach().to("cpu", copy=True).contiguous() for k, t in tensors.items()}
+        _atomic_write(folder / f"{name}.safetensors", lambda tmp: save_file(plain, tmp, metadata={"format": "pt"}))
+    write_json(folder / f"{name}.json", {"structure": structure})
+
+
+def load_state(folder: str | Path, name: str) -> Any:
+    """Inverse of :func:`save_state`."""
+    folder = Path(folder)
+    structure = read_json(folder / f"{name}.json")["structure"]
+    weights = folder / f"{name}.safetensors"
+    tensors = read_tensors(weights) if weights.is_file() else {}
+    return _join_tree(structure, tensors)

@@ -63,6 +63,7 @@ class Adapter(nn.Module):
     peft_type: ClassVar[str | None] = None  # HF PEFT's name for the format, when we share it
     mergeable: ClassVar[bool] = False
     not_mergeable_because: ClassVar[str] = "this method does not support merging"
+    zero_when_untrained: ClassVar[bool] = False  # an untrained adapter saves as all zeros (e.g. bias offsets)
 
     def __init__(self, name: str, config: AdapterConfig):
         super().__init__()

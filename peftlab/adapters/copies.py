@@ -6,8 +6,6 @@ parameters and state-dict keys never change. Merging swaps the tensors' storage,
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
@@ -27,7 +25,7 @@ class TrainableCopies(nn.Module):
 
     def add(self, model: nn.Module, path: str, adapter: Adapter) -> None:
         original = model.get_submodule(path)
-        clone = copy.deepcopy(original)
+        clone = sites.clone_without_sites(original)
         clone.requires_grad_(True)
         self.copies[module_key(path)] = clone
         for sub, (orig_sub, clone_sub) in self._pairs(original, clone, path):

@@ -9,6 +9,7 @@ Contributions run in a fixed order whatever order adapters were added in:
 """
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -122,3 +123,24 @@ def detach(module: nn.Module, adapter: Adapter) -> None:
     if site.empty():
         site.remove_hooks()
         del module.__dict__[_ATTR]
+
+
+def clone_without_sites(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` without peftlab's hooks, so other adapters' contributions on it (and
+    their parameters) are neither copied nor duplicated into the clone."""
+    memo: dict[int, object] = {}
+    for sub in module.modules():
+        site = sub.__dict__.get(_ATTR)
+        if site is not None:
+            memo[id(site)] = site  # keep sites shared during the copy, then drop them from the clone
+    clone = copy.deepcopy(module, memo)
+    for sub in clone.modules():
+        site = sub.__dict__.pop(_ATTR, None)
+        if site is None:
+            continue
+        for hooks in (sub._forward_hooks, sub._forward_pre_hooks):
+            for key in [k for k, hook in hooks.items() if getattr(hook, "__self__", None) is site]:
+                del hooks[key]
+                sub._forward_hooks_with_kwargs.pop(key, None)
+                sub._forward_hooks_always_called.pop(key, None)
+    return clone

@@ -1,0 +1,73 @@
+"""Triton kernels behind ``fused_update.apply_update_`` for 16-bit CUDA parameters.
+
+Each reads the parameter and its gradient once and writes the parameter once (6 bytes per bf16
+element); the fp32 arithmetic and the stochastic rounding happen in registers.
+"""
+import triton
+import triton.language as tl
+
+ROUND_NEAREST, ROUND_STOCHASTIC_BF16, ROUND_STOCHASTIC_FP16 = 0, 1, 2
+
+
+@triton.jit
+def _finish(p, u, step, weight_decay, seed, rand_offs, ROUNDING: tl.constexpr):
+    new = p * (1.0 - step * weight_decay) - step * u
+    if ROUNDING == 1:
+        # bf16 is the top half of an fp32 bit pattern: add 16 random low bits, then truncate.
+        noise = (tl.randint(seed, rand_offs) & 0xFFFF).to(tl.int32)
+        bits = (new.to(tl.int32, bitcast=True) + noise) & -65536
+        return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
+    elif ROUNDING == 2:
+        # fp16: round toward zero, then step one ulp outward with probability = the remainder.
+        low = new.to(tl.float16, fp_downcast_rounding="rtz")
+        away = (low.to(tl.int16, bitcast=True) + 1).to(tl.float16, bitcast=True)
+        low32 = low.to(tl.float32)
+        frac = (new - low32) / (away.to(tl.float32) - low32)
+        return tl.where(tl.rand(seed, rand_offs) < frac, away, low)
+    else:
+        return new
+
+
+@triton.jit
+def flat_update_kernel(p_ptr, g_ptr, vec_ptr, lr_mult_ptr, grad_mult_ptr, numel,
+                       lr, weight_decay, grad_scale, seed,
+                       HAS_VEC: tl.constexpr, HAS_LR_MULT: tl.constexpr, HAS_GRAD_MULT: tl.constexpr,
+                       ROUNDING: tl.constexpr, BLOCK: tl.constexpr):
+    """Element-wise update; ``vec`` (optional) scales each element's gradient."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+    u = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * grad_scale
+    if HAS_VEC:
+        u = u * tl.load(vec_ptr + offs, mask=mask, other=0.0)
+    if HAS_GRAD_MULT:
+        u = u * tl.load(grad_mult_ptr)
+    step = lr
+    if HAS_LR_MULT:
+        step = step * tl.load(lr_mult_ptr)
+    new = _finish(p, u, step, weight_decay, seed, offs.to(tl.int32), ROUNDING)
+    tl.store(p_ptr + offs, new.to(p_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def tiled_update_kernel(p_ptr, g_ptr, row_ptr, col_ptr, lr_mult_ptr, grad_mult_ptr, n_rows, n_cols,
+                        lr, weight_decay, grad_scale, seed,
+                        HAS_LR_MULT: tl.constexpr, HAS_GRAD_MULT: tl.constexpr,
+                        ROUNDING: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Update of a ``[n_rows, n_cols]`` matrix whose gradient is scaled by ``row[i] * col[j]``."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    offs = rows[:, None] * n_cols + cols[None, :]
+    p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+    u = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * grad_scale
+    r = tl.load(row_ptr + rows, mask=rows < n_rows, other=0.0)
+    c = tl.load(col_ptr + cols, mask=cols < n_cols, other=0.0)
+    u = u * r[:, None] * c[None, :]
+    if HAS_GRAD_MULT:
+        u = u * tl.load(grad_mult_ptr)
+    step = lr
+    if HAS_LR_MULT:
+        step = step * tl.load(lr_mult_ptr)
+    new = _finish(p, u, step, weight_decay, seed, offs.to(tl.int32), ROUNDING)
+    tl.store(p_ptr + offs, new.to(p_ptr.dtype.element_ty), mask=mask)

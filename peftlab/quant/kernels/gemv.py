@@ -1,0 +1,63 @@
+"""GEMV for a handful of activation rows: ``y = x @ W.T + b`` on CUDA cores, streaming packed NF4.
+
+Nothing is dequantized to memory. A program computes BN outputs of one activation row: it
+walks BN weight rows, decodes NB blocks per step in registers, multiplies by x, and applies
+each block's absmax once per block (after the in-block sum), not per element. Weight and
+activation tiles are loaded in one layout (4 packed bytes and 8 activations per thread), so
+they meet without shuffles, and each activation load serves BN weight rows.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from peftlab.quant.kernels.decode import block_scales, nf4_codes
+from peftlab.quant.kernels.weights import NF4Weight
+
+
+@triton.jit(do_not_specialize=["M", "N", "k_blocks"])
+def _gemv_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, bias_ptr,
+                 out_ptr, M, N, k_blocks, stride_xm, stride_om,
+                 BS: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr, VEC: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, NESTED: tl.constexpr):
+    # Activation rows vary fastest, so programs reading the same weight rows run together (L2 reuse).
+    pid = tl.program_id(0)
+    m = pid % M
+    rows = (pid // M) * BN + tl.arange(0, BN)
+    row_mask = rows < N
+    x_row = x_ptr + m.to(tl.int64) * stride_xm
+    acc = tl.zeros((BN, NB), dtype=tl.float32)
+    for col_block0 in range(0, k_blocks, NB):
+        cols = col_block0 + tl.arange(0, NB)
+        col_mask = (cols < k_blocks)[None, :]
+        mask = row_mask[:, None] & col_mask
+        block = rows[:, None] * k_blocks + cols[None, :]
+        codes = nf4_codes(packed_ptr, code_ptr, block, mask, BS, VEC)
+        # Loaded as a [1, NB, BS] tile, x gets the weight tile's layout: each thread converts its
+        # activations once and reuses them for its BN rows, with no exchange between threads.
+        x = tl.load(x_row + (cols[:, None] * BS + tl.arange(0, BS)[None, :])[None, :, :],
+                    mask=col_mask[:, :, None], other=0.0)
+        partial = tl.sum(codes * x.to(tl.float32), axis=2)
+        acc += partial * block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, block, mask, NESTED)
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + m.to(tl.int64) * stride_om + rows, y.to(out_ptr.dtype.element_ty), mask=row_mask)
+
+
+def gemv(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, config: dict) -> torch.Tensor:
+    """``x [m, k] @ W.T (+ bias) -> [m, n]`` for small m; needs ``weight.row_aligned``.
+
+    ``config``: ``BN`` rows per program, ``NB`` blocks per step, ``VEC`` packed bytes per load,
+    ``num_warps`` (see ``tuning``).
+    """
+    m = x.shape[0]
+    out = torch.empty(m, weight.n, dtype=x.dtype, device=x.device)
+    bn = config.get("BN", 1)
+    _gemv_kernel[(m * triton.cdiv(weight.n, bn),)](
+        x, weight.packed, weight.code, *weight.scale_args(), bias if bias is not None else x, out,
+        m, weight.n, weight.k_blocks, x.stride(0), out.stride(0),
+        BS=weight.blocksize, BN=bn, NB=config["NB"], VEC=config.get("VEC", 4), HAS_BIAS=bias is not None,
+        NESTED=weight.nested, num_warps=config["num_warps"])
+    return out

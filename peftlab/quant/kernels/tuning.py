@@ -1,0 +1,169 @@
+"""Which kernel and which tile sizes each NF4 matmul uses, chosen from measurements.
+
+``FORWARD`` and ``BACKWARD`` hold, for each weight shape ``(N, K)`` and number of activation
+rows ``M`` that ``python benchmarks/kernels.py --sweep`` measured on an H100 (bf16, blocksize
+64, double quantization; see the ``best_forward``/``best_backward`` entries of
+``benchmarks/results/kernels-h100.json``), the fastest kernel and config. Other shapes use the
+nearest measured shape (in log N, log K) and other M the nearest measured M (in log M, ties
+going to the larger M). Kinds: ``gemv`` (CUDA-core GEMV), ``fused`` (dequantize tiles into
+``tl.dot``), ``chunked`` (dequantize into a scratch buffer + cuBLAS; the value is the chunk size
+in elements, ``None`` for the whole weight at once). The comments give the measured time.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+DEQUANT_CONFIG = {"elems_per_program": 2048, "num_warps": 4, "flat_block": 1024}
+
+FORWARD = {
+    (4096, 4096): {
+        1: ('gemv', {'BN': 1, 'BK': 4096, 'VEC': 4, 'num_warps': 4}),  # 11.3 us
+        4: ('fused', {'BM': 16, 'BN': 64, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': True, 'num_warps': 4, 'num_stages': 3}),  # 14.8 us
+        16: ('fused', {'BM': 16, 'BN': 64, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': True, 'num_warps': 4, 'num_stages': 3}),  # 14.9 us
+        64: ('fused', {'BM': 64, 'BN': 128, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 20.6 us
+        256: ('chunked', None),  # 33.9 us
+        1024: ('chunked', None),  # 60.5 us
+        4096: ('chunked', None),  # 201.2 us
+    },
+    (4096, 11008): {
+        1: ('gemv', {'BN': 1, 'BK': 4096, 'VEC': 4, 'num_warps': 4}),  # 26.4 us
+        4: ('fused', {'BM': 16, 'BN': 64, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': True, 'num_warps': 4, 'num_stages': 3}),  # 31.9 us
+        16: ('fused', {'BM': 16, 'BN': 64, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': True, 'num_warps': 4, 'num_stages': 3}),  # 31.6 us
+        64: ('fused', {'BM': 64, 'BN': 128, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 44.6 us
+        256: ('chunked', None),  # 93.0 us
+        1024: ('chunked', None),  # 159.5 us
+        4096: ('chunked', None),  # 554.6 us
+    },
+    (11008, 4096): {
+        1: ('gemv', {'BN': 1, 'BK': 2048, 'VEC': 4, 'num_warps': 2}),  # 23.6 us
+        4: ('fused', {'BM': 16, 'BN': 128, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': True, 'num_warps': 4, 'num_stages': 3}),  # 32.7 us
+        16: ('fused', {'BM': 16, 'BN': 128, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': True, 'num_warps': 4, 'num_stages': 3}),  # 32.8 us
+        64: ('fused', {'BM': 64, 'BN': 64, 'BK': 128, 'SPLIT_K': 2, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 45.7 us
+        256: ('chunked', None),  # 84.0 us
+        1024: ('chunked', None),  # 171.6 us
+        4096: ('chunked', 33554432),  # 511.6 us
+    },
+    (14336, 4096): {
+        1: ('gemv', {'BN': 1, 'BK': 2048, 'VEC': 4, 'num_warps': 2}),  # 30.3 us
+        4: ('fused', {'BM': 16, 'BN': 64, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': True, 'num_warps': 4, 'num_stages': 3}),  # 38.5 us
+        16: ('fused', {'BM': 16, 'BN': 64, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': True, 'num_warps': 4, 'num_stages': 3}),  # 39.3 us
+        64: ('fused', {'BM': 64, 'BN': 128, 'BK': 128, 'SPLIT_K': 2, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 46.0 us
+        256: ('chunked', None),  # 110.2 us
+        1024: ('chunked', None),  # 214.2 us
+        4096: ('chunked', None),  # 701.3 us
+    },
+}
+
+BACKWARD = {
+    (4096, 4096): {
+        1: ('fused', {'BM': 64, 'BR': 128, 'BK': 128, 'SPLIT_K': 4, 'num_warps': 8, 'num_stages': 3}),  # 19.1 us
+        4: ('fused', {'BM': 64, 'BR': 128, 'BK': 128, 'SPLIT_K': 4, 'num_warps': 8, 'num_stages': 3}),  # 19.1 us
+        16: ('fused', {'BM': 64, 'BR': 128, 'BK': 128, 'SPLIT_K': 4, 'num_warps': 8, 'num_stages': 3}),  # 19.5 us
+        64: ('fused', {'BM': 64, 'BR': 128, 'BK': 128, 'SPLIT_K': 4, 'num_warps': 8, 'num_stages': 3}),  # 20.9 us
+        256: ('chunked', None),  # 36.0 us
+        1024: ('chunked', 16777216),  # 61.5 us
+        4096: ('chunked', 16777216),  # 206.5 us
+    },
+    (4096, 11008): {
+        1: ('fused', {'BM': 64, 'BR': 128, 'BK': 128, 'SPLIT_K': 4, 'num_warps': 8, 'num_stages': 3}),  # 41.0 us
+        4: ('fused', {'BM': 64, 'BR': 128, 'BK': 128, 'SPLIT_K': 4, 'num_warps': 8, 'num_stages': 3}),  # 41.2 us
+        16: ('fused', {'BM': 64, 'BR': 128, 'BK': 128, 'SPLIT_K': 4, 'num_warps': 8, 'num_stages': 3}),  # 41.7 us
+        64: ('fused', {'BM': 64, 'BR': 128, 'BK': 128, 'SPLIT_K': 4, 'num_warps': 8, 'num_stages': 3}),  # 44.7 us
+        256: ('chunked', None),  # 85.5 us
+        1024: ('chunked', 33554432),  # 168.5 us
+        4096: ('chunked', 16777216),  # 570.9 us
+    },
+    (11008, 4096): {
+        1: ('fused', {'BM': 16, 'BR': 64, 'BK': 128, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 3}),  # 43.5 us
+        4: ('fused', {'BM': 16, 'BR': 64, 'BK': 128, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 3}),  # 43.2 us
+        16: ('fused', {'BM': 16, 'BR': 64, 'BK': 128, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 3}),  # 43.4 us
+        64: ('fused', {'BM': 64, 'BR': 128, 'BK': 128, 'SPLIT_K': 4, 'num_warps': 8, 'num_stages': 3}),  # 46.4 us
+        256: ('chunked', None),  # 91.2 us
+        1024: ('chunked', None),  # 162.3 us
+        4096: ('chunked', None),  # 525.2 us
+    },
+    (14336, 4096): {
+        1: ('fused', {'BM': 16, 'BR': 64, 'BK': 128, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 3}),  # 53.1 us
+        4: ('fused', {'BM': 16, 'BR': 64, 'BK': 128, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 3}),  # 53.0 us
+        16: ('fused', {'BM': 16, 'BR': 64, 'BK': 128, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 3}),  # 53.1 us
+        64: ('fused', {'BM': 64, 'BR': 128, 'BK': 128, 'SPLIT_K': 4, 'num_warps': 8, 'num_stages': 3}),  # 57.8 us
+        256: ('chunked', None),  # 115.6 us
+        1024: ('chunked', None),  # 203.0 us
+        4096: ('chunked', None),  # 689.7 us
+    },
+}
+
+# fp32 activations were not swept (training and decoding run in bf16/fp16); this GEMV config is
+# covered by the GPU tests.
+_FP32_GEMV = {"BN": 4, "BK": 1024, "VEC": 4, "num_warps": 4}
+
+
+def _nearest(options, value: float, key=math.log2):
+    """The option closest to ``value`` on a log scale; ties go to the larger option."""
+    return min(options, key=lambda o: (abs(key(o) - key(value)), -o))
+
+
+def _lookup(table: dict, m: int, n: int, k: int) -> tuple[str, object]:
+    shape = min(table, key=lambda s: (math.log2(s[0] / n) ** 2 + math.log2(s[1] / k) ** 2, s))
+    return table[shape][_nearest(table[shape], max(m, 1))]
+
+
+def blocks_per_step(config: dict, blocksize: int) -> dict:
+    """Turns a config's ``BK`` (elements) into ``NB`` (whole quantization blocks, at least one)."""
+    out = {key: value for key, value in config.items() if key != "BK"}
+    out["NB"] = max(1, config["BK"] // blocksize)
+    return out
+
+
+def forward_plan(m: int, n: int, k: int, blocksize: int, dtype: torch.dtype) -> tuple[str, object]:
+    """``("gemv" | "fused", config)`` or ``("chunked", chunk_elems)`` for ``[m, k] @ [n, k].T``."""
+    if dtype == torch.float32:  # tl.dot would round fp32 to tf32; CUDA cores or cuBLAS keep fp32
+        return ("gemv", blocks_per_step(_FP32_GEMV, blocksize)) if m <= 16 else ("chunked", None)
+    kind, config = _lookup(FORWARD, m, n, k)
+    return (kind, config) if kind == "chunked" else (kind, blocks_per_step(config, blocksize))
+
+
+def grad_input_plan(m: int, n: int, k: int, blocksize: int, dtype: torch.dtype) -> tuple[str, object]:
+    """``("fused", config)`` or ``("chunked", chunk_elems)`` for ``[m, n] @ [n, k]``."""
+    if dtype == torch.float32:
+        return "chunked", None
+    kind, config = _lookup(BACKWARD, m, n, k)
+    return (kind, config) if kind == "chunked" else (kind, blocks_per_step(config, blocksize))
+
+
+def dequant_blocks_per_program(blocksize: int) -> int:
+    """Quantization blocks one dequantize program handles (a power of two)."""
+    return 1 << max(0, int(math.log2(max(1, DEQUANT_CONFIG["elems_per_program"] // blocksize))))
+
+
+def _fused(bm, bn, bk, warps, stages, split=1, w_is_a=False):
+    return {"BM": bm, "BN": bn, "BK": bk, "SPLIT_K": split, "W_IS_A": w_is_a, "num_warps": warps,
+            "num_stages": stages}
+
+
+def _grad(bm, br, bk, warps, stages, split=1):
+    return {"BM": bm, "BR": br, "BK": bk, "SPLIT_K": split, "num_warps": warps, "num_stages": stages}
+
+
+def _gemv(bn, bk, warps):
+    return {"BN": bn, "BK": bk, "VEC": 4, "num_warps": warps}
+
+
+def sweep_candidates() -> dict:
+    """Configs ``benchmarks/kernels.py --sweep`` times; the tables above keep the winners."""
+    return {
+        "dequant": [{"elems_per_program": e, "num_warps": w} for e, w in ((2048, 4), (4096, 4), (8192, 8))],
+        "gemv": [_gemv(1, 2048, 2), _gemv(1, 4096, 4), _gemv(2, 2048, 4), _gemv(4, 2048, 4), _gemv(4, 1024, 4),
+                 _gemv(4, 1024, 2), _gemv(8, 1024, 4), _gemv(8, 512, 2)],
+        "fused_small": [_fused(16, 64, 256, 4, 3, 2, w_is_a=True), _fused(16, 64, 256, 4, 3, 4, w_is_a=True),
+                        _fused(16, 64, 256, 4, 3, 8, w_is_a=True), _fused(16, 64, 128, 4, 3, 4, w_is_a=True),
+                        _fused(16, 128, 128, 4, 3, 4, w_is_a=True), _fused(16, 64, 128, 4, 3, 1, w_is_a=True)],
+        "fused": [_fused(64, 128, 128, 4, 3, 2), _fused(64, 64, 128, 4, 3, 2), _fused(64, 128, 128, 4, 3, 4),
+                  _fused(64, 64, 128, 4, 3)],
+        "chunked": [{"chunk_elems": None}, {"chunk_elems": 32 << 20}],
+        "grad_fused": [_grad(16, 64, 256, 4, 3, 4), _grad(16, 64, 128, 4, 3, 8), _grad(64, 128, 128, 8, 3, 4),
+                       _grad(128, 128, 64, 8, 3, 2), _grad(64, 128, 128, 8, 3), _grad(128, 128, 64, 8, 3)],
+        "grad_chunked": [{"chunk_elems": None}, {"chunk_elems": 16 << 20}, {"chunk_elems": 32 << 20}],
+    }

@@ -1,0 +1,140 @@
+"""Triton NF4 kernels on the CPU through Triton's interpreter, against peftlab's torch reference.
+
+The interpreter must be switched on before any kernel is defined, so the checks run in one
+child pytest process started with ``TRITON_INTERPRET=1``; the rest of the suite keeps its
+normal Triton. The interpreter computes fp16/fp32 faithfully (bf16 is covered on the GPU).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+_INNER = os.environ.get("PEFTLAB_KERNEL_INTERPRETER") == "1"
+
+
+if not _INNER:
+    def test_kernels_under_triton_interpreter():
+        """Runs this module's interpreter checks in a child process and fails with its report."""
+        pytest.importorskip("triton")
+        env = dict(os.environ, TRITON_INTERPRET="1", PEFTLAB_KERNEL_INTERPRETER="1", TRITON_DEFAULT_FP_FUSION="1")
+        root = Path(__file__).resolve().parents[1]
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
+                              cwd=root, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+        assert " passed" in proc.stdout and "failed" not in proc.stdout
+
+
+else:
+    import torch
+
+    from peftlab.quant.kernels import NF4KernelError, NF4Weight, nf4_dequantize, nf4_matmul, nf4_matmul_grad_input
+    from peftlab.quant.kernels import chunked, gemm, gemv
+    from peftlab.quant.kernels.dequant import dequantize
+    from peftlab.quant.kernels.tuning import blocks_per_step
+    from peftlab.quant.nf4 import dequantize_nf4, quantize_nf4
+
+    def _weight(n, k, blocksize=64, nested=True, seed=0):
+        w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+        packed, state = quantize_nf4(w, blocksize=blocksize, double_quant=nested)
+        return packed, state, dequantize_nf4(packed, state, torch.float32)
+
+    def _rel(out, ref):
+        return ((out.float() - ref).norm() / ref.norm()).item()
+
+    def _inputs(m, n, k, seed=1):
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(m, k, generator=g).half(), torch.randn(n, generator=g).half()
+
+    @pytest.mark.parametrize("n,k,blocksize,nested", [
+        (40, 192, 64, True),    # tiled kernel, 30 blocks: one partial nested block
+        (24, 320, 128, False),  # rows are not whole blocks: flat kernel, fp32 absmax
+        (9, 100, 64, True),     # flat kernel, partial last block
+        (6, 512, 256, True),
+    ])
+    def test_dequantize_is_bit_exact(n, k, blocksize, nested):
+        packed, state, ref = _weight(n, k, blocksize, nested)
+        for dtype in (torch.float32, torch.float16):
+            assert torch.equal(nf4_dequantize(packed, state, dtype), ref.to(dtype))
+
+    def test_dequantize_piece_into_strided_scratch():
+        packed, state, ref = _weight(40, 256)
+        weight = NF4Weight.from_state(packed, state)
+        scratch = torch.full((37, 200), float("nan"))
+        piece = dequantize(weight, torch.float32, row_start=2, row_count=37, col_start=64, col_count=128,
+                           out=scratch[:, :128])
+        assert torch.equal(piece, ref[2:39, 64:192])
+        assert torch.isnan(scratch[:, 128:]).all()  # nothing written outside the piece
+        wide = torch.full((40, 300), float("nan"))
+        assert torch.equal(dequantize(weight, torch.float32, out=wide[:, :256]), ref)  # whole weight, strided rows
+        assert torch.isnan(wide[:, 256:]).all()
+        with pytest.raises(NF4KernelError, match="aligned"):
+            dequantize(weight, torch.float32, col_start=32, col_count=64)
+
+    @pytest.mark.parametrize("nested,bias", [(True, True), (False, False)])
+    def test_gemv_matches_reference(nested, bias):
+        packed, state, ref = _weight(24, 320, nested=nested)
+        weight = NF4Weight.from_state(packed, state)
+        x, b = _inputs(2, 24, 320)
+        b = b if bias else None
+        expect = x.float() @ ref.t() + (b.float() if bias else 0)
+        for config in ({"BN": 1, "BK": 128, "VEC": 4, "num_warps": 4}, {"BN": 4, "BK": 512, "VEC": 16, "num_warps": 2}):
+            assert _rel(gemv.gemv(x, weight, b, blocks_per_step(config, 64)), expect) < 2e-3
+
+    @pytest.mark.parametrize("w_is_a,split_k", [(True, 2), (False, 1)])
+    def test_tiled_matmul_matches_reference(w_is_a, split_k):
+        packed, state, ref = _weight(40, 320)
+        weight = NF4Weight.from_state(packed, state)
+        x, b = _inputs(17, 40, 320)
+        config = {"BM": 16, "BN": 16, "BK": 64, "SPLIT_K": split_k, "W_IS_A": w_is_a, "num_warps": 4,
+                  "num_stages": 2}
+        out = gemm.matmul(x, weight, b, blocks_per_step(config, 64))
+        assert out.dtype == torch.float16 and out.shape == (17, 40)
+        assert _rel(out, x.float() @ ref.t() + b.float()) < 2e-3
+
+    @pytest.mark.parametrize("split_k", [1, 3])
+    def test_tiled_grad_input_matches_reference(split_k):
+        packed, state, ref = _weight(40, 192, nested=split_k == 1)
+        weight = NF4Weight.from_state(packed, state)
+        grad = _inputs(5, 40, 40)[0]
+        config = {"BM": 16, "BR": 16, "BK": 128, "SPLIT_K": split_k, "num_warps": 4, "num_stages": 2}
+        out = gemm.matmul_grad_input(grad, weight, blocks_per_step(config, 64))
+        assert _rel(out, grad.float() @ ref) < 2e-3
+
+    def test_chunked_paths_match_reference():
+        packed, state, ref = _weight(40, 192)
+        weight = NF4Weight.from_state(packed, state)
+        x, b = _inputs(3, 40, 192)
+        out = chunked.matmul(x.float(), weight, b.float(), chunk_elems=7 * 192)  # 6 chunks, last one short
+        assert _rel(out, x.float() @ ref.t() + b.float()) < 1e-6
+        grad = _inputs(3, 40, 40)[0].float()
+        out = chunked.matmul_grad_input(grad, weight, chunk_elems=40 * 64)  # one block column per chunk
+        assert _rel(out, grad @ ref) < 1e-6
+
+    def test_plans_follow_the_measured_tables():
+        from peftlab.quant.kernels import tuning
+
+        assert tuning.forward_plan(1, 11008, 4096, 64, torch.bfloat16)[0] == tuning.FORWARD[(11008, 4096)][1][0]
+        # An unmeasured shape takes the nearest measured one; M=3 goes to the M=4 entry.
+        kind, config = tuning.forward_plan(3, 11000, 4100, 128, torch.float16)
+        assert kind == tuning.FORWARD[(11008, 4096)][4][0]
+        assert config["NB"] == max(1, tuning.FORWARD[(11008, 4096)][4][1]["BK"] // 128)
+        # fp32 activations never reach tl.dot (it would round them to tf32).
+        assert tuning.forward_plan(64, 4096, 4096, 64, torch.float32) == ("chunked", None)
+        assert tuning.grad_input_plan(1, 4096, 4096, 64, torch.float32) == ("chunked", None)
+
+    def test_public_entry_points_keep_leading_dims_and_check_inputs():
+        packed, state, ref = _weight(24, 100)  # rows not made of whole blocks -> dequantize + matmul
+        x = torch.randn(2, 3, 100).half()
+        out = nf4_matmul(x, packed, state)
+        assert out.shape == (2, 3, 24)
+        assert _rel(out, (x.float() @ ref.t())) < 2e-3
+        grad = torch.randn(2, 3, 24)
+        assert _rel(nf4_matmul_grad_input(grad, packed, state), grad @ ref) < 1e-6
+        with pytest.raises(NF4KernelError, match="last dimension 99"):
+            nf4_matmul(torch.randn(2, 99), packed, state)
+        with pytest.raises(NF4KernelError, match="bytes"):
+            nf4_matmul(x, packed[:-1], state)

@@ -1,0 +1,147 @@
+"""Triton NF4 kernels on a CUDA GPU: every path against peftlab's torch reference (fp32 math)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+DEVICE = "cuda"
+SHAPES = [(768, 2112), (520, 4160)]  # in_features not a multiple of 64*256; 520 rows: partial tiles
+
+
+def _weight(n, k, blocksize=64, nested=True, seed=0):
+    from peftlab.quant.nf4 import dequantize_nf4, quantize_nf4
+
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    w = torch.randn(n, k, device=DEVICE, generator=g) * 0.02
+    packed, state = quantize_nf4(w, blocksize=blocksize, double_quant=nested)
+    return packed, state, dequantize_nf4(packed, state, torch.float32)
+
+
+def _rel(out, ref):
+    assert torch.isfinite(out).all()
+    return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+def _tol(dtype):
+    return 1e-2 if dtype == torch.bfloat16 else 2e-3
+
+
+def _x(m, k, dtype, seed=1):
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    return torch.randn(m, k, device=DEVICE, generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("blocksize,nested", [(64, True), (64, False), (128, True), (256, True), (32, True)])
+@pytest.mark.parametrize("n,k", [(768, 2112), (33, 96), (7, 130)])
+def test_dequantize_matches_reference_bit_for_bit(n, k, blocksize, nested):
+    from peftlab.quant.kernels import nf4_dequantize
+
+    packed, state, ref = _weight(n, k, blocksize, nested)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        assert torch.equal(nf4_dequantize(packed, state, dtype), ref.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("nested,bias", [(True, True), (False, False), (True, False)])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 16, 33, 64, 256, 1024, 4096])
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_matmul_matches_reference(n, k, m, nested, bias, dtype):
+    from peftlab.quant.kernels import nf4_matmul
+
+    packed, state, ref = _weight(n, k, nested=nested)
+    x = _x(m, k, dtype)
+    b = (torch.randn(n, device=DEVICE) * 0.1).to(dtype) if bias else None
+    out = nf4_matmul(x, packed, state, b)
+    expect = x.float() @ ref.t() + (b.float() if bias else 0)
+    assert out.dtype == dtype and out.shape == (m, n)
+    assert _rel(out, expect) < _tol(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 16, 256, 4096])
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_grad_input_matches_reference(n, k, m, dtype):
+    from peftlab.quant.kernels import nf4_matmul_grad_input
+
+    packed, state, ref = _weight(n, k)
+    grad = _x(m, n, dtype)
+    out = nf4_matmul_grad_input(grad, packed, state)
+    assert out.dtype == dtype and out.shape == (m, k)
+    assert _rel(out, grad.float() @ ref) < _tol(dtype)
+
+
+def _forced_configs():
+    """(kind, config) of every sweep candidate and every table entry; chunk configs as element counts."""
+    from peftlab.quant.kernels import tuning
+
+    forced = [(kind, cfg["chunk_elems"] if "chunked" in kind else cfg)
+              for kind, configs in tuning.sweep_candidates().items() if kind != "dequant" for cfg in configs]
+    forced += [(kind, cfg) for row in tuning.FORWARD.values() for kind, cfg in row.values()]
+    forced += [("grad_" + kind, cfg) for row in tuning.BACKWARD.values() for kind, cfg in row.values()]
+    return forced
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 5, 40])
+def test_every_candidate_and_table_config_is_correct(m, dtype):
+    """Each config the tables hold or may be tuned to, forced one at a time."""
+    from peftlab.quant.kernels import NF4Weight, chunked, gemm, gemv
+    from peftlab.quant.kernels.tuning import blocks_per_step
+
+    n, k = 520, 4160
+    packed, state, ref = _weight(n, k, nested=True)
+    weight = NF4Weight.from_state(packed, state)
+    x, grad = _x(m, k, dtype), _x(m, n, dtype, seed=2)
+    b = (torch.randn(n, device=DEVICE) * 0.1).to(dtype) if dtype == torch.float16 else None
+    expect = x.float() @ ref.t() + (b.float() if b is not None else 0)
+    expect_grad = grad.float() @ ref
+    run = {
+        "gemv": lambda cfg: gemv.gemv(x, weight, b, blocks_per_step(cfg, 64)),
+        "fused": lambda cfg: gemm.matmul(x, weight, b, blocks_per_step(cfg, 64)),
+        "fused_small": lambda cfg: gemm.matmul(x, weight, b, blocks_per_step(cfg, 64)),
+        "chunked": lambda cfg: chunked.matmul(x, weight, b, cfg),
+        "grad_fused": lambda cfg: gemm.matmul_grad_input(grad, weight, blocks_per_step(cfg, 64)),
+        "grad_chunked": lambda cfg: chunked.matmul_grad_input(grad, weight, cfg),
+    }
+    for kind, config in _forced_configs():
+        target = expect_grad if kind.startswith("grad") else expect
+        assert _rel(run[kind](config), target) < _tol(dtype), (kind, config)
+
+
+@pytest.mark.parametrize("blocksize", [128, 256])
+@pytest.mark.parametrize("m", [1, 16, 300])
+def test_larger_blocksizes_and_unaligned_rows(blocksize, m):
+    from peftlab.quant.kernels import nf4_matmul, nf4_matmul_grad_input
+
+    for n, k in [(300, 4352), (64, 99)]:  # 99 columns: rows straddle blocks -> generic path
+        packed, state, ref = _weight(n, k, blocksize=blocksize)
+        x = _x(m, k, torch.bfloat16)
+        assert _rel(nf4_matmul(x, packed, state), x.float() @ ref.t()) < 1e-2
+        grad = _x(m, n, torch.bfloat16)
+        assert _rel(nf4_matmul_grad_input(grad, packed, state), grad.float() @ ref) < 1e-2
+
+
+def test_float32_activations_and_leading_dims():
+    from peftlab.quant.kernels import nf4_matmul
+
+    packed, state, ref = _weight(520, 4160)
+    for m in (1, 8, 200):
+        x = _x(m, 4160, torch.float32).view(1, m, 4160)
+        out = nf4_matmul(x, packed, state)
+        assert out.shape == (1, m, 520) and out.dtype == torch.float32
+        assert _rel(out[0], x[0] @ ref.t()) < 1e-4
+
+
+def test_every_output_element_is_written():
+    from peftlab.quant.kernels import nf4_matmul
+
+    packed, state, ref = _weight(520, 4160)
+    for m in (1, 3, 16, 100, 2000):
+        x = _x(m, 4160, torch.bfloat16)
+        torch.cuda.empty_cache()
+        # Poison the allocator's free memory so an unwritten output would show as NaN.
+        torch.full((64 << 20,), float("nan"), device=DEVICE)
+        out = nf4_matmul(x, packed, state)
+        assert torch.isfinite(out).all()
