@@ -2,6 +2,8 @@
 
     python benchmarks/kernels.py            # cuBLAS, bitsandbytes and peftlab -> results/kernels-<gpu>.json
     python benchmarks/kernels.py --sweep    # ... plus every candidate kernel config the tuning tables choose from
+    python benchmarks/kernels.py --merge a.json b.json --out results/kernels-h100.json
+                                            # no GPU: merge per-shape runs, print the table and tuning tables
 
 Timing: each measurement captures a CUDA graph of many calls and times its replays with CUDA
 events (median of several replays / calls per replay), so Python and launch overheads drop out.
@@ -24,8 +26,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from peftlab.quant.kernels import NF4Weight, chunked, gemm, gemv, nf4_matmul, nf4_matmul_grad_input  # noqa: E402
-from peftlab.quant.kernels import tuning  # noqa: E402
+from peftlab.quant.kernels import (  # noqa: E402
+    NF4Weight,
+    chunked,
+    gemm,
+    gemv,
+    nf4_matmul,
+    nf4_matmul_grad_input,
+    tuning,  # noqa: E402
+)
 from peftlab.quant.kernels.dequant import dequantize  # noqa: E402
 from peftlab.quant.nf4 import quantize_nf4  # noqa: E402
 
@@ -264,6 +273,25 @@ def print_table(summary: list[dict]) -> None:
               f" {str(s['bwd_peftlab_kind']):>12} {s['bwd_x_vs_bnb'] or float('nan'):6.2f}")
 
 
+def print_tuning_tables(rows: list[dict]) -> None:
+    """The best configs as the ``FORWARD``/``BACKWARD`` literals of peftlab/quant/kernels/tuning.py."""
+    for name, field in (("FORWARD", "best_forward"), ("BACKWARD", "best_backward")):
+        table: dict = {}
+        for r in rows:
+            best = r.get(field)
+            if best:
+                kind = "fused" if best["kind"] == "fused_small" else best["kind"].replace("grad_", "")
+                cfg = best["config"]["chunk_elems"] if kind == "chunked" else best["config"]
+                table.setdefault((r["N"], r["K"]), {})[r["M"]] = (kind, cfg, best["ms"])
+        print(f"{name} = {{")
+        for shape in sorted(table):
+            print(f"    {shape}: {{")
+            for m, (kind, cfg, ms) in sorted(table[shape].items()):
+                print(f"        {m}: ({kind!r}, {cfg!r}),  # {ms * 1000:.1f} us")
+            print("    },")
+        print("}\n")
+
+
 def merge(paths: list[Path]) -> dict:
     """Per-shape result files of one session -> one payload with the summary table."""
     parts = [json.loads(p.read_text()) for p in paths]
@@ -320,6 +348,7 @@ def main() -> None:
         payload = merge(args.merge)
         _write(args.out or RESULTS / "kernels-merged.json", payload)
         print_table(payload["summary"])
+        print_tuning_tables(payload["rows"])
         return
     if not torch.cuda.is_available():
         sys.exit("benchmarks/kernels.py needs a CUDA GPU.")

@@ -14,10 +14,10 @@ import statistics
 import warnings
 
 import torch
+from common import device_name, device_tag, median_ms, versions, write_result
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import peftlab
-from common import device_name, device_tag, median_ms, versions, write_result
 
 SMALL_LLAMA = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
                    num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512)

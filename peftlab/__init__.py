@@ -9,9 +9,23 @@
 __version__ = "0.1.0"
 
 from . import registry
-from .adapters import (Adapter, AdapterConfig, BitFitConfig, HoulsbyConfig, LoraConfig, PfeifferConfig,
-                       PrefixTuningConfig)
-from .errors import AdapterStateError, CheckpointError, ConfigError, MergeError, PeftlabError, TargetError
+from .adapters import (
+                       Adapter,
+                       AdapterConfig,
+                       BitFitConfig,
+                       HoulsbyConfig,
+                       LoraConfig,
+                       PfeifferConfig,
+                       PrefixTuningConfig,
+)
+from .errors import (
+                       AdapterStateError,
+                       CheckpointError,
+                       ConfigError,
+                       MergeError,
+                       PeftlabError,
+                       TargetError,
+)
 from .model import PeftModel, load, wrap
 from .quant import NF4Linear, from_pretrained
 from .quant import quantize_model as quantize

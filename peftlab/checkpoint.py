@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 

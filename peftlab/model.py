@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from . import checkpoint, registry
+from .adapters import sites
 from .adapters.base import Adapter, AdapterConfig
 from .errors import AdapterStateError, MergeError
 from .summary import ParameterSummary, summarize
@@ -76,6 +77,7 @@ class PeftModel(nn.Module):
             adapter.remove(self.base_model)  # leave no hooks behind from a half-done injection
             raise
         self.adapters[name] = adapter
+        sites.refresh(self.base_model)
         return adapter
 
     def _maybe_activate(self, name: str, activate: bool | None) -> None:
@@ -122,6 +124,7 @@ class PeftModel(nn.Module):
                                     "switching them off.")
         for name, adapter in self.adapters.items():
             adapter.active = name in wanted
+        sites.refresh(self.base_model)
 
     @contextmanager
     def disable_adapters(self) -> Iterator[PeftModel]:
@@ -130,13 +133,11 @@ class PeftModel(nn.Module):
             raise AdapterStateError(f"adapter(s) {self._merge_order} are merged into the base weights; unmerge() "
                                     "before disabling adapters.")
         previous = self.active_adapters
-        for adapter in self.adapters.values():
-            adapter.active = False
+        self.set_adapter([])
         try:
             yield self
         finally:
-            for name, adapter in self.adapters.items():
-                adapter.active = name in previous
+            self.set_adapter(previous)
 
     def delete_adapter(self, name: str) -> None:
         """Remove an adapter and its hooks; refused while it is merged."""
@@ -172,12 +173,15 @@ class PeftModel(nn.Module):
                 adapter.unmerge(self.base_model)
                 self._merge_order.remove(adapter.adapter_name)
             raise
+        finally:
+            sites.refresh(self.base_model)
 
     def unmerge(self) -> None:
         """Take every merged adapter out of the base weights, restoring them bit for bit."""
         while self._merge_order:
             self.adapters[self._merge_order[-1]].unmerge(self.base_model)
             self._merge_order.pop()
+        sites.refresh(self.base_model)
 
     def merge_and_unload(self, requantize: bool = False, probe: torch.Tensor | dict | None = None) -> nn.Module:
         """Merge the active adapters, remove all adapters and return the plain base model.

@@ -100,7 +100,8 @@ def _matches(spec: TargetSpec, name: str) -> bool:
     return any(name == entry or name.endswith("." + entry) for entry in spec)
 
 
-def _under(name: str, roots: Iterable[str]) -> bool:
+def is_under(name: str, roots: Iterable[str]) -> bool:
+    """Whether module ``name`` is one of ``roots`` or inside one."""
     return any(name == root or name.startswith(root + ".") for root in roots)
 
 
@@ -147,7 +148,7 @@ def resolve_targets(
 
     chosen, hits = [], {entry: 0 for entry in ([] if isinstance(targets, str) else targets)}
     for name, module in model.named_modules():
-        if not name or _under(name, skip_under):
+        if not name or is_under(name, skip_under):
             continue
         if all_linear:
             if not is_linear(module) or name in heads:

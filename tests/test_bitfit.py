@@ -11,7 +11,15 @@ from peftlab.adapters.bitfit import BitFitConfig
 from peftlab.checkpoint import CONFIG_NAME
 from peftlab.errors import CheckpointError, ConfigError, TargetError
 from tests.conftest import make_bert_classifier, make_gpt2, make_llama
-from tests.test_houlsby import H, INTER, LABELS, LAYERS, bert_base, bert_base_total, loss_of
+from tests.test_houlsby import (
+    INTER,
+    LABELS,
+    LAYERS,
+    H,
+    bert_base,
+    bert_base_total,
+    loss_of,
+)
 
 FACTORIES = {"llama": make_llama, "gpt2": make_gpt2, "bert": make_bert_classifier}
 INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}

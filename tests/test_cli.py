@@ -16,8 +16,8 @@ from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
 from peftlab import registry
-from peftlab.cli.app import app
 from peftlab.cli import finetune as _register_finetune  # noqa: F401
+from peftlab.cli.app import app
 from tests.conftest import make_bert_classifier, make_llama
 
 FIXTURES = Path(__file__).parent / "fixtures"

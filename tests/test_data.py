@@ -9,8 +9,18 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from peftlab.train.data import (IGNORE_INDEX, Collator, DataConfig, DataError, EpochBatchSampler,
-                                batch_order, load_records, pack_examples, prepare_data, split_eval)
+from peftlab.train.data import (
+    IGNORE_INDEX,
+    Collator,
+    DataConfig,
+    DataError,
+    EpochBatchSampler,
+    batch_order,
+    load_records,
+    pack_examples,
+    prepare_data,
+    split_eval,
+)
 from tests.conftest import make_bert_classifier, make_llama
 
 FIXTURES = Path(__file__).parent / "fixtures"

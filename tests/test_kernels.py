@@ -31,8 +31,16 @@ if not _INNER:
 else:
     import torch
 
-    from peftlab.quant.kernels import NF4KernelError, NF4Weight, nf4_dequantize, nf4_matmul, nf4_matmul_grad_input
-    from peftlab.quant.kernels import chunked, gemm, gemv
+    from peftlab.quant.kernels import (
+        NF4KernelError,
+        NF4Weight,
+        chunked,
+        gemm,
+        gemv,
+        nf4_dequantize,
+        nf4_matmul,
+        nf4_matmul_grad_input,
+    )
     from peftlab.quant.kernels.dequant import dequantize
     from peftlab.quant.kernels.tuning import blocks_per_step
     from peftlab.quant.nf4 import dequantize_nf4, quantize_nf4

@@ -11,11 +11,21 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import (BloomConfig, BloomForCausalLM, DynamicCache, EncoderDecoderCache, LlamaConfig,
-                          MistralConfig, MistralForCausalLM, T5Config, T5ForConditionalGeneration)
+from transformers import (
+    BloomConfig,
+    BloomForCausalLM,
+    DynamicCache,
+    EncoderDecoderCache,
+    LlamaConfig,
+    MistralConfig,
+    MistralForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
 import peftlab
+from peftlab.adapters import prefix_attention
 from peftlab.adapters.prefix import PrefixMLP, PrefixTable, PrefixTuningConfig
 from peftlab.adapters.prefix_attention import PrefixUnsupportedError
 from peftlab.checkpoint import CONFIG_NAME, WEIGHTS_NAME
@@ -445,7 +455,7 @@ def test_unsupported_architectures_are_refused(make_model, message):
 
 
 def test_old_transformers_is_refused(monkeypatch):
-    monkeypatch.setattr(transformers, "__version__", "4.55.0")
+    monkeypatch.setattr(prefix_attention, "transformers_version", lambda: "4.55.0")
     with pytest.raises(PrefixUnsupportedError, match=r"prefix tuning needs transformers >= 5.0; 4.55.0 is installed"):
         peftlab.wrap(make_llama(), prefix_config())
 

@@ -133,3 +133,31 @@ def test_requantize_needs_a_quantized_base():
     wrapped = peftlab.wrap(make_llama(), LoraConfig(r=4))
     with pytest.raises(MergeError, match="no 4-bit layers"):
         wrapped.merge_and_unload(requantize=True)
+
+
+@pytest.mark.gpu
+def test_qlora_on_cuda_matches_a_dense_reference_in_bf16():
+    """bf16 compute on the GPU: forward and adapter gradients agree with the same LoRA on the dequantized weights."""
+    from peftlab.quant.loading import dequantize_model
+
+    torch.manual_seed(0)
+    model = quantize_model(make_llama(dtype=torch.bfloat16).cuda(), compute_dtype=torch.bfloat16)
+    dense = copy.deepcopy(model)
+    dequantize_model(dense)  # the same weights, as bf16 nn.Linear
+    ids = torch.randint(0, 128, (4, 64), device="cuda")
+    grads, logits = [], []
+    for base in (model, dense):
+        torch.manual_seed(1)
+        wrapped = peftlab.wrap(base, LoraConfig(r=8, init="random"))
+        wrapped.train()
+        out = wrapped(input_ids=ids, labels=ids)
+        out.loss.backward()
+        logits.append(out.logits.float())
+        grads.append(torch.cat([p.grad.flatten() for p in wrapped.trainable_parameters()]))
+        if base is model:
+            state = packed_state(model)
+            wrapped.merge()
+            wrapped.unmerge()
+            assert all(v.equal(state[k]) for k, v in model.state_dict().items())
+    torch.testing.assert_close(logits[0], logits[1], rtol=2e-2, atol=2e-2)
+    assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0) > 0.999

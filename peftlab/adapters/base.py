@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..errors import ConfigError, MergeError
+from ..errors import CheckpointError, ConfigError, MergeError
 
 
 @dataclasses.dataclass
@@ -61,6 +61,7 @@ class Adapter(nn.Module):
     method: ClassVar[str] = ""
     config_cls: ClassVar[type[AdapterConfig]] = AdapterConfig
     peft_type: ClassVar[str | None] = None  # HF PEFT's name for the format, when we share it
+    format_version: ClassVar[int] = 1  # of the saved adapter_config.json / tensors
     mergeable: ClassVar[bool] = False
     not_mergeable_because: ClassVar[str] = "this method does not support merging"
     zero_when_untrained: ClassVar[bool] = False  # an untrained adapter saves as all zeros (e.g. bias offsets)
@@ -114,8 +115,12 @@ class Adapter(nn.Module):
 
     @classmethod
     def config_from_checkpoint(cls, saved: dict[str, Any], source: str) -> AdapterConfig:
-        """Read a saved ``adapter_config.json`` back into a config."""
-        return cls.config_cls.from_dict({k: v for k, v in saved.items() if k != "peftlab"}, source)
+        """Read a saved ``adapter_config.json``: unknown keys and newer formats warn, invalid values name the file."""
+        warn_if_newer(saved, source, cls.format_version)
+        try:
+            return cls.config_cls.from_dict({k: v for k, v in saved.items() if k != "peftlab"}, source)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
 
     # --- training --------------------------------------------------------------------------
     def set_trainable(self, trainable: bool) -> None:
@@ -143,3 +148,52 @@ def module_key(path: str) -> str:
 def module_path(key: str) -> str:
     """Inverse of :func:`module_key`."""
     return key.replace("/", ".")
+
+
+def warn_if_newer(saved: dict[str, Any], source: str, format_version: int) -> None:
+    """Warn when a saved config comes from a newer peftlab format than this reader knows."""
+    meta = saved.get("peftlab")
+    written = meta.get("format_version") if isinstance(meta, dict) else None
+    if isinstance(written, int) and written > format_version:
+        warnings.warn(f"{source}: written by a newer peftlab (format {written}); reading the fields "
+                      f"format {format_version} knows.", stacklevel=3)
+
+
+def load_checked(targets: dict[str, tuple[torch.Tensor, str]], tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy each saved tensor into its target ``key -> (tensor, description)``.
+
+    Missing tensors, shape mismatches (naming the module and both shapes) and tensors no target
+    takes are errors.
+    """
+    remaining = dict(tensors)
+    with torch.no_grad():
+        for key, (target, what) in targets.items():
+            if key not in remaining:
+                raise CheckpointError(f"{source}: tensor '{key}' ({what}) is missing.")
+            value = remaining.pop(key)
+            if tuple(value.shape) != tuple(target.shape):
+                raise CheckpointError(f"{source}: {what} has shape {list(value.shape)}, but the base model needs "
+                                      f"{list(target.shape)}; the adapter was made for a different model or config.")
+            target.copy_(value)
+    if remaining:
+        raise CheckpointError(f"{source}: tensor '{sorted(remaining)[0]}' does not belong to any module this adapter "
+                              "adapts; the adapter was saved for a different model or config.")
+
+
+_TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
+               ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"),
+               ("ForConditionalGeneration", "SEQ_2_SEQ_LM"))
+
+
+def task_type_of(model: nn.Module) -> str | None:
+    """HF PEFT's task type for a model (needed by PEFT to apply some adapter kinds)."""
+    name = type(model).__name__
+    task = next((task for suffix, task in _TASK_TYPES if name.endswith(suffix)), None)
+    if task is None and callable(getattr(model, "can_generate", None)) and model.can_generate():
+        task = "CAUSAL_LM"  # causal LMs not named *ForCausalLM, such as GPT2LMHeadModel
+    return task
+
+
+def name_or_path_of(model: nn.Module) -> str | None:
+    """Where the model was loaded from, as transformers recorded it."""
+    return getattr(getattr(model, "config", None), "_name_or_path", None) or None

@@ -35,8 +35,8 @@ class BiasOffset(nn.Module):
         super().__init__()
         self.delta = nn.Parameter(torch.zeros(size, dtype=torch.float32, device=device))
 
-    def term(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return self.delta.to(out.dtype)
+    def update(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return out + self.delta.to(out.dtype)
 
 
 def _new_bias_dtype(module: nn.Module) -> torch.dtype:
@@ -66,7 +66,7 @@ class BiasOffsets(nn.Module):
         else:
             raise ValueError(f"'{path}' ({type(module).__name__}) has no bias and is not a linear layer.")
         self.offsets[module_key(path)] = offset
-        sites.add_term(module, path, adapter, offset.term)
+        sites.add_update(module, path, adapter, offset.update)
 
     def remove(self, model: nn.Module, adapter: Adapter) -> None:
         for path in self.paths():

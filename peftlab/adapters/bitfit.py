@@ -3,7 +3,7 @@
 The biases train as fp32 offsets added to the module outputs (see ``bias``), so the base biases
 stay intact until the adapter is merged, and merge/unmerge are bit-exact. Which biases train:
 all of them, named groups that map onto every architecture's own module names through the block
-structure (see ``houlsby.block_layouts``), or module names/suffixes. Linear layers without a bias
+structure (see ``layout.block_layouts``), or module names/suffixes. Linear layers without a bias
 (Llama's) can be given zero-initialised ones with ``add_missing``: merging creates a real bias
 parameter, unmerging removes it again. Saved adapters hold the fp32 offsets, not full biases, so a
 round trip through disk is exact in any base dtype.
@@ -20,11 +20,11 @@ from torch import nn
 
 from .. import registry, targeting
 from ..errors import ConfigError, TargetError
-from .base import Adapter, AdapterConfig, saved_metadata
+from ..targeting import is_under
+from .base import Adapter, AdapterConfig, load_checked, saved_metadata
 from .bias import BiasOffsets, bias_on_last_dim, has_bias
-from .copies import TrainableCopies
-from .houlsby import BlockLayout, block_layouts, is_under, load_checked, read_saved_config
-from .lora import _resolve_copies
+from .copies import TrainableCopies, resolve_copies
+from .layout import BlockLayout, block_layouts
 
 FORMAT_VERSION = 1
 
@@ -99,7 +99,7 @@ class BitFit(Adapter):
     # --- attaching ---------------------------------------------------------------------------
     def inject(self, model: nn.Module, strict: bool = True) -> None:
         cfg: BitFitConfig = self.config
-        for path in _resolve_copies(model, cfg.modules_to_save, strict):
+        for path in resolve_copies(model, cfg.modules_to_save, strict):
             self.copies.add(model, path, self)
         paths = self._all_paths(model) if cfg.biases == "all" else self._chosen_paths(model, strict)
         for path in paths:
@@ -211,9 +211,6 @@ class BitFit(Adapter):
     def load_checkpoint_tensors(self, model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
         load_checked(self._tensor_targets(model), tensors, source)
 
-    @classmethod
-    def config_from_checkpoint(cls, saved: dict[str, Any], source: str) -> AdapterConfig:
-        return read_saved_config(cls.config_cls, saved, source, FORMAT_VERSION)
 
     def parameter_kinds(self) -> dict[str, str]:
         kinds = {"biases": "bias", "copies": "modules_to_save"}

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import TargetError
+from ..targeting import classification_head, is_under
 from . import sites
 from .base import Adapter, module_key, module_path
 
@@ -70,3 +72,20 @@ class TrainableCopies(nn.Module):
                     clone.copy_(value)
                 return
         raise KeyError(name)
+
+
+def resolve_copies(model: nn.Module, entries: list[str] | None, strict: bool) -> list[str]:
+    """Module names for ``modules_to_save`` (outermost matches only; PEFT's saved lists may repeat names
+    or name heads of other architectures, which ``strict=False`` tolerates)."""
+    if entries is None:
+        return classification_head(model)
+    names = [n for n, _ in model.named_modules() if n]
+    found: list[str] = []
+    for entry in entries:
+        matches = [n for n in names if n == entry or n.endswith("." + entry)]
+        if not matches and strict:
+            top = ", ".join(n for n, _ in model.named_children())
+            raise TargetError(f"modules_to_save entry {entry!r} matches no module of {type(model).__name__}; "
+                              f"its top-level modules are: {top}.")
+        found.extend(m for m in matches if not is_under(m, found))
+    return found

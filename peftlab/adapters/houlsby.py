@@ -31,8 +31,6 @@ model's hidden size. ``attention_modules``/``ffn_modules`` name the modules wher
 """
 from __future__ import annotations
 
-import re
-import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -41,121 +39,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import registry, targeting
-from ..errors import CheckpointError, ConfigError, TargetError
+from ..errors import ConfigError, TargetError
+from ..targeting import is_under
 from . import sites
-from .base import Adapter, AdapterConfig, check_choice, module_key, module_path, saved_metadata
-from .copies import TrainableCopies
-from .lora import _resolve_copies
+from .base import (
+    Adapter,
+    AdapterConfig,
+    check_choice,
+    load_checked,
+    module_key,
+    module_path,
+    saved_metadata,
+)
+from .copies import TrainableCopies, resolve_copies
+from .layout import block_layouts, is_norm
 
 FORMAT_VERSION = 1
 ACTIVATIONS = {"swish": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU}
 INITS = ("zeros", "random")
-_ATTENTION_NAME = re.compile(r"attn|attention", re.IGNORECASE)
-
-
-# --- where the sublayers of a transformer block are ------------------------------------------
-@dataclass
-class BlockLayout:
-    """The sublayers of one transformer block, as module paths in registration order."""
-
-    path: str
-    index: int
-    attention_inputs: list[str]  # q/k/v projections (or fused ones) of every attention sublayer
-    attention_outputs: list[str]  # one output projection per attention sublayer
-    ffn_inputs: list[str]  # up/gate/fc1/intermediate projections
-    ffn_output: str | None
-    norms: list[str]
-
-
-def is_norm(module: nn.Module) -> bool:
-    """LayerNorm or RMSNorm, torch's or a model's own class."""
-    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
-
-
-def is_under(name: str, roots: list[str]) -> bool:
-    """Whether module ``name`` is one of ``roots`` or inside one."""
-    return any(name == root or name.startswith(root + ".") for root in roots)
-
-
-def _has_linear(module: nn.Module) -> bool:
-    return any(targeting.is_linear(m) for m in module.modules())
-
-
-def block_lists(model: nn.Module) -> list[str]:
-    """Names of the outermost ``nn.ModuleList``s that hold linear layers (the stacks of blocks)."""
-    found: list[str] = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and not is_under(name, found) and _has_linear(module):
-            found.append(name)
-    return found
-
-
-def _layout(path: str, index: int, block: nn.Module) -> BlockLayout:
-    """Attention sublayers are the outermost submodules named like ``*attn*``/``*attention*`` that hold
-    linear layers; the last linear layer registered in each is its output projection (o_proj, c_proj,
-    attention.output.dense, out_proj, dense, o). The last one outside them is the feed-forward output."""
-    linears = [n for n, m in block.named_modules() if n and targeting.is_linear(m)]
-    roots: list[str] = []
-    for name, module in block.named_modules():
-        last = name.rsplit(".", 1)[-1]
-        if (name and _ATTENTION_NAME.search(last) and not targeting.is_linear(module)
-                and not is_under(name, roots) and _has_linear(module)):
-            roots.append(name)
-    attention_inputs, attention_outputs = [], []
-    for root in roots:
-        inside = [n for n in linears if is_under(n, [root])]
-        attention_inputs += inside[:-1]
-        attention_outputs.append(inside[-1])
-    ffn = [n for n in linears if not is_under(n, roots)]
-    norms = [n for n, m in block.named_modules() if n and is_norm(m)]
-
-    def full(names: list[str]) -> list[str]:
-        return [f"{path}.{n}" for n in names]
-
-    return BlockLayout(path, index, full(attention_inputs), full(attention_outputs), full(ffn[:-1]),
-                       f"{path}.{ffn[-1]}" if ffn else None, full(norms))
-
-
-def block_layouts(model: nn.Module) -> list[BlockLayout]:
-    """The layout of every transformer block (empty if the model has no list of blocks)."""
-    return [_layout(f"{stack}.{i}", i, block)
-            for stack in block_lists(model) for i, block in enumerate(model.get_submodule(stack))]
-
-
-# --- loading tensors by name -----------------------------------------------------------------
-def load_checked(targets: dict[str, tuple[torch.Tensor, str]], tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Copy each saved tensor into its target ``key -> (tensor, description)``.
-
-    Missing tensors, shape mismatches (naming the module and both shapes) and tensors no target
-    takes are errors.
-    """
-    remaining = dict(tensors)
-    with torch.no_grad():
-        for key, (target, what) in targets.items():
-            if key not in remaining:
-                raise CheckpointError(f"{source}: tensor '{key}' ({what}) is missing.")
-            value = remaining.pop(key)
-            if tuple(value.shape) != tuple(target.shape):
-                raise CheckpointError(f"{source}: {what} has shape {list(value.shape)}, but the base model needs "
-                                      f"{list(target.shape)}; the adapter was made for a different model or config.")
-            target.copy_(value)
-    if remaining:
-        raise CheckpointError(f"{source}: tensor '{sorted(remaining)[0]}' does not belong to any module this adapter "
-                              "adapts; the adapter was saved for a different model or config.")
-
-
-def read_saved_config(config_cls: type[AdapterConfig], saved: dict[str, Any], source: str,
-                      format_version: int) -> AdapterConfig:
-    """Read a native ``adapter_config.json``: unknown keys and newer formats warn, invalid values name the file."""
-    meta = saved.get("peftlab")
-    written = meta.get("format_version") if isinstance(meta, dict) else None
-    if isinstance(written, int) and written > format_version:
-        warnings.warn(f"{source}: written by a newer peftlab (format {written}); reading the fields "
-                      f"format {format_version} knows.", stacklevel=3)
-    try:
-        return config_cls.from_dict({k: v for k, v in saved.items() if k != "peftlab"}, source)
-    except ConfigError as err:
-        raise ConfigError(f"{source}: {err}") from None
 
 
 # --- config ----------------------------------------------------------------------------------
@@ -286,7 +187,7 @@ class BottleneckAdapter(Adapter):
     # --- attaching ---------------------------------------------------------------------------
     def inject(self, model: nn.Module, strict: bool = True) -> None:
         cfg: BottleneckConfig = self.config
-        for path in _resolve_copies(model, cfg.modules_to_save, strict):
+        for path in resolve_copies(model, cfg.modules_to_save, strict):
             self.copies.add(model, path, self)
         for path in self._sites(model, strict):
             module = model.get_submodule(path)
@@ -396,9 +297,6 @@ class BottleneckAdapter(Adapter):
     def load_checkpoint_tensors(self, model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
         load_checked(self._tensor_targets(model), tensors, source)
 
-    @classmethod
-    def config_from_checkpoint(cls, saved: dict[str, Any], source: str) -> AdapterConfig:
-        return read_saved_config(cls.config_cls, saved, source, FORMAT_VERSION)
 
     def parameter_kinds(self) -> dict[str, str]:
         kinds = {"bottlenecks": "bottleneck", "norms": "layer_norm", "copies": "modules_to_save"}

@@ -21,9 +21,19 @@ from transformers.pytorch_utils import Conv1D
 from .. import registry, targeting
 from ..errors import CheckpointError, ConfigError, TargetError
 from . import exact, sites
-from .base import Adapter, AdapterConfig, check_choice, module_key, module_path, saved_metadata
-from .bias import BiasOffsets
-from .copies import TrainableCopies
+from .base import (
+    Adapter,
+    AdapterConfig,
+    check_choice,
+    module_key,
+    module_path,
+    name_or_path_of,
+    saved_metadata,
+    task_type_of,
+    warn_if_newer,
+)
+from .bias import BiasOffsets, bias_on_last_dim
+from .copies import TrainableCopies, resolve_copies
 
 FORMAT_VERSION = 1
 PEFT_PREFIX = "base_model.model."
@@ -120,6 +130,7 @@ class LoraWeights(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=torch.float32))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._cast: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None  # inference copies in the activation dtype
         with torch.no_grad():
             if init == "gaussian":
                 nn.init.normal_(self.lora_A, std=1 / r)
@@ -128,10 +139,25 @@ class LoraWeights(nn.Module):
             if init == "random":
                 nn.init.normal_(self.lora_B, std=1 / r)
 
-    def term(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """The adapter's addition to the layer output for input ``x``."""
-        h = F.linear(self.dropout(x), self.lora_A.to(x.dtype))
-        return F.linear(h, (self.lora_B * self.scaling).to(x.dtype)).to(out.dtype)
+    def _weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """A and scaling*B in the activation dtype; cached while no gradient is wanted and the weights are unchanged."""
+        a, b = self.lora_A, self.lora_B
+        if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+            return a.to(dtype), (b * self.scaling).to(dtype)
+        key = (dtype, a.device, a.data_ptr(), b.data_ptr(), a._version, b._version)
+        if self._cast is None or self._cast[0] != key:
+            with torch.no_grad():
+                self._cast = (key, (a.to(dtype), (b * self.scaling).to(dtype)))
+        return self._cast[1]
+
+    def update(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The layer output plus the adapter's term for input ``x``."""
+        a, b = self._weights(x.dtype)
+        h = F.linear(self.dropout(x), a)
+        if out.dtype == h.dtype and out.is_contiguous():  # one GEMM that also adds the output
+            flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), b.t())
+            return flat.view(out.shape)
+        return out + F.linear(h, b).to(out.dtype)
 
     def delta(self) -> torch.Tensor:
         """The fp32 weight update, in the layout of the base layer's weight."""
@@ -162,7 +188,7 @@ class Lora(Adapter):
     # --- attaching ---------------------------------------------------------------------------
     def inject(self, model: nn.Module, strict: bool = True) -> None:
         cfg: LoraConfig = self.config
-        for path in _resolve_copies(model, cfg.modules_to_save, strict):
+        for path in resolve_copies(model, cfg.modules_to_save, strict):
             self.copies.add(model, path, self)
         targets = targeting.resolve_targets(
             model, cfg.target_modules, exclude=cfg.exclude_modules, layers=cfg.layers,
@@ -173,7 +199,7 @@ class Lora(Adapter):
             weights = LoraWeights(in_f, out_f, cfg.rank_for(path), cfg.scaling_for(path), cfg.dropout,
                                   self._fan_in_fan_out(module, path), cfg.init, _device_of(module))
             self.layers[module_key(path)] = weights
-            sites.add_term(module, path, self, weights.term)
+            sites.add_update(module, path, self, weights.update)
         for path in self._bias_paths(model, targets):
             self.biases.add(model, path, self)
 
@@ -189,12 +215,12 @@ class Lora(Adapter):
         if self.config.bias == "none":
             return []
         candidates = targets if self.config.bias == "lora_only" else [
-            name for name, m in model.named_modules() if name and not _under(name, self.copies.paths())]
+            name for name, m in model.named_modules() if name and not targeting.is_under(name, self.copies.paths())]
         paths = []
         for name in candidates:
             module = model.get_submodule(name)
             bias = getattr(module, "bias", None)
-            if isinstance(bias, nn.Parameter) and _bias_on_last_dim(module):
+            if isinstance(bias, nn.Parameter) and bias_on_last_dim(module):
                 paths.append(name)
         return paths
 
@@ -244,8 +270,8 @@ class Lora(Adapter):
         modules = [model.get_submodule(p) for p in self.paths()]
         return {
             "peft_type": "LORA",
-            "task_type": cfg.task_type or _task_type(model),
-            "base_model_name_or_path": cfg.base_model_name_or_path or _name_or_path(model),
+            "task_type": cfg.task_type or task_type_of(model),
+            "base_model_name_or_path": cfg.base_model_name_or_path or name_or_path_of(model),
             "r": cfg.r,
             "lora_alpha": cfg.alpha,
             "lora_dropout": cfg.dropout,
@@ -332,30 +358,8 @@ def _device_of(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _under(name: str, roots: list[str]) -> bool:
-    return any(name == r or name.startswith(r + ".") for r in roots)
 
 
-def _bias_on_last_dim(module: nn.Module) -> bool:
-    """Whether adding to the output equals adding to the bias (the bias runs along the last dim)."""
-    return targeting.is_linear(module) or type(module).__name__.endswith("LayerNorm")
-
-
-def _resolve_copies(model: nn.Module, entries: list[str] | None, strict: bool) -> list[str]:
-    """Module names for ``modules_to_save`` (outermost matches only; PEFT's saved lists may repeat names
-    or name heads of other architectures, which ``strict=False`` tolerates)."""
-    if entries is None:
-        return targeting.classification_head(model)
-    names = [n for n, _ in model.named_modules() if n]
-    found: list[str] = []
-    for entry in entries:
-        matches = [n for n in names if n == entry or n.endswith("." + entry)]
-        if not matches and strict:
-            top = ", ".join(n for n, _ in model.named_children())
-            raise TargetError(f"modules_to_save entry {entry!r} matches no module of {type(model).__name__}; "
-                              f"its top-level modules are: {top}.")
-        found.extend(m for m in matches if not _under(m, found))
-    return found
 
 
 def _compact_targets(model: nn.Module, paths: list[str], skip_under: list[str]) -> list[str]:
@@ -368,19 +372,10 @@ def _compact_targets(model: nn.Module, paths: list[str], skip_under: list[str]) 
     return suffixes if same else list(paths)
 
 
-_TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
-               ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"),
-               ("ForConditionalGeneration", "SEQ_2_SEQ_LM"))
 
 
-def _task_type(model: nn.Module) -> str | None:
-    name = type(model).__name__
-    return next((task for suffix, task in _TASK_TYPES if name.endswith(suffix)), None)
 
 
-def _name_or_path(model: nn.Module) -> str | None:
-    config = getattr(model, "config", None)
-    return getattr(config, "_name_or_path", None) or None
 
 
 # --- reading HF PEFT's adapter_config.json ---------------------------------------------------
@@ -418,10 +413,7 @@ def lora_config_from_peft(saved: dict[str, Any], source: str) -> LoraConfig:
     unknown = sorted(k for k in saved if k not in ignorable and saved[k] not in (None, False, {}, []))
     if unknown:
         warnings.warn(f"{source}: ignoring unknown key(s) {unknown}.", stacklevel=3)
-    meta = saved.get("peftlab")
-    if isinstance(meta, dict) and meta.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
-        warnings.warn(f"{source}: written by a newer peftlab (format {meta['format_version']}); "
-                      f"reading the fields format {FORMAT_VERSION} knows.", stacklevel=3)
+    warn_if_newer(saved, source, FORMAT_VERSION)
     try:
         return LoraConfig(**values)
     except ConfigError as err:

@@ -31,9 +31,15 @@ from torch import nn
 from .. import registry
 from ..errors import CheckpointError, ConfigError
 from . import prefix_attention
-from .base import Adapter, AdapterConfig, saved_metadata
-from .copies import TrainableCopies
-from .lora import _name_or_path, _resolve_copies, _task_type
+from .base import (
+    Adapter,
+    AdapterConfig,
+    name_or_path_of,
+    saved_metadata,
+    task_type_of,
+    warn_if_newer,
+)
+from .copies import TrainableCopies, resolve_copies
 from .prefix_attention import KVLayout, PrefixUnsupportedError
 
 FORMAT_VERSION = 1
@@ -177,7 +183,7 @@ class PrefixTuning(Adapter):
             self.prefix = PrefixMLP(cfg.prefix_length, embedding_dim, cfg.bottleneck, layout, device)
         else:
             self.prefix = PrefixTable(torch.randn(cfg.prefix_length, layout.width, device=device), layout)
-        for path in _resolve_copies(model, cfg.modules_to_save, strict):
+        for path in resolve_copies(model, cfg.modules_to_save, strict):
             self.copies.add(model, path, self)
         for path in paths:
             prefix_attention.attach(model.get_submodule(path), path, self)
@@ -214,8 +220,8 @@ class PrefixTuning(Adapter):
         layout = self.prefix.layout
         return {
             "peft_type": PEFT_TYPE,
-            "task_type": cfg.task_type or _peft_task_type(model),
-            "base_model_name_or_path": cfg.base_model_name_or_path or _name_or_path(model),
+            "task_type": cfg.task_type or task_type_of(model),
+            "base_model_name_or_path": cfg.base_model_name_or_path or name_or_path_of(model),
             "num_virtual_tokens": cfg.prefix_length,
             "token_dim": layout.kv_heads * layout.head_dim,
             "num_attention_heads": layout.kv_heads,
@@ -281,9 +287,8 @@ class PrefixTuning(Adapter):
             warnings.warn(f"{source}: HF PEFT places real tokens after the prefix (positions P..P+n-1); peftlab keeps "
                           "positions 0..n-1, so outputs of position-dependent models differ from PEFT's.",
                           stacklevel=3)
-        elif meta.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
-            warnings.warn(f"{source}: written by a newer peftlab (format {meta['format_version']}); reading the "
-                          f"fields format {FORMAT_VERSION} knows.", stacklevel=3)
+        else:
+            warn_if_newer(saved, source, FORMAT_VERSION)
         kv_heads, token_dim = saved.get("num_attention_heads"), saved.get("token_dim")
         head_dim = token_dim // kv_heads if _positive_int(kv_heads) and _positive_int(token_dim) else None
         values = {
@@ -306,14 +311,6 @@ class PrefixTuning(Adapter):
     def parameter_kinds(self) -> dict[str, str]:
         kinds = {"prefix": "prefix", "copies": "modules_to_save"}
         return {n: kinds[n.split(".", 1)[0]] for n, _ in self.named_parameters()}
-
-
-def _peft_task_type(model: nn.Module) -> str | None:
-    """HF PEFT's task type; without one PEFT loads a prefix adapter but never applies it."""
-    task = _task_type(model)
-    if task is None and callable(getattr(model, "can_generate", None)) and model.can_generate():
-        task = "CAUSAL_LM"  # causal LMs not named *ForCausalLM, such as GPT2LMHeadModel
-    return task
 
 
 __all__ = ["PrefixTuning", "PrefixTuningConfig", "PrefixUnsupportedError"]

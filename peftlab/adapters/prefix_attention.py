@@ -110,12 +110,18 @@ def check_attention_implementation(implementation: str | None, where: str) -> No
         )
 
 
+def transformers_version() -> str:
+    """The installed transformers version."""
+    return transformers.__version__
+
+
 def check_model(model: nn.Module) -> None:
     """Refuse architectures whose attention a plain key/value prefix cannot extend faithfully."""
     name = type(model).__name__
-    if Version(transformers.__version__) < Version(MIN_TRANSFORMERS):
-        raise PrefixUnsupportedError(f"prefix tuning needs transformers >= {MIN_TRANSFORMERS}; "
-                                     f"{transformers.__version__} is installed.")
+    installed = transformers_version()
+    if Version(installed) < Version(MIN_TRANSFORMERS):
+        raise PrefixUnsupportedError(f"prefix tuning needs transformers >= {MIN_TRANSFORMERS}; {installed} is "
+                                     "installed.")
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         raise PrefixUnsupportedError(f"{name} is an encoder-decoder model; prefix tuning supports decoder-only "
                                      "language models and encoders.")

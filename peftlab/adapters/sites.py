@@ -4,8 +4,10 @@ Hooks (rather than replacing modules) keep the base model's module tree and stat
 untouched, compose with accelerate's own hooks, and vanish without a trace on removal.
 Contributions run in a fixed order whatever order adapters were added in:
   1. parameter swaps (a live adapter's trainable copy stands in for the module's parameters),
-  2. additive terms computed from the module input (LoRA, bias deltas),
-  3. output transforms (bottleneck adapters, applied after every additive term).
+  2. updates that add a term computed from the module input (LoRA, bias offsets),
+  3. output transforms (bottleneck adapters, applied after every update).
+The hooks are registered only while some contribution is live (``refresh``), so a module whose
+adapters are all merged or switched off runs at exactly its base speed.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from ..errors import AdapterStateError
 if TYPE_CHECKING:  # pragma: no cover
     from .base import Adapter
 
-Additive = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (module input, module output) -> term
+Update = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (module input, output) -> output + term
 Transform = Callable[[torch.Tensor], torch.Tensor]  # module output -> new output
 
 _ATTR = "_peftlab_site"
@@ -29,14 +31,14 @@ _ATTR = "_peftlab_site"
 class Site:
     """The hooks peftlab keeps on one module, and the adapters' contributions there."""
 
-    def __init__(self, module: nn.Module, name: str):
+    def __init__(self, name: str):
         self.name = name
-        self.additive: list[tuple[Adapter, Additive]] = []
+        self.updates: list[tuple[Adapter, Update]] = []
         self.transforms: list[tuple[Adapter, Transform]] = []
         self.swaps: list[tuple[Adapter, dict[str, nn.Parameter]]] = []
         self._stash: dict[str, nn.Parameter] | None = None
         self._pre = None
-        self._post = module.register_forward_hook(self._after, with_kwargs=True)
+        self._post = None
 
     def _before(self, module: nn.Module, args):
         self._restore(module)  # a forward that raised last time left its swap in place
@@ -59,44 +61,55 @@ class Site:
 
     def _after(self, module: nn.Module, args, kwargs, output):
         self._restore(module)
-        if self.additive:
+        if self.updates:
             x = args[0] if args else next(iter(kwargs.values()))
-            for adapter, term in self.additive:
+            for adapter, update in self.updates:
                 if adapter.live:
-                    output = output + term(x, output)
+                    output = update(x, output)
         for adapter, transform in self.transforms:
             if adapter.live:
                 output = transform(output)
         return output
 
-    def _sync_pre_hook(self, module: nn.Module) -> None:
-        if self.swaps and self._pre is None:
+    def refresh(self, module: nn.Module) -> None:
+        """Register the hooks while some contribution is live, and only then."""
+        live = any(adapter.live for adapter, _ in self.updates + self.transforms + self.swaps)
+        if live and self._post is None:
+            self._post = module.register_forward_hook(self._after, with_kwargs=True)
+        elif not live and self._post is not None:
+            self._post.remove()
+            self._post = None
+        needs_pre = live and any(adapter.live for adapter, _ in self.swaps)
+        if needs_pre and self._pre is None:
             self._pre = module.register_forward_pre_hook(self._before)
-        elif not self.swaps and self._pre is not None:
+        elif not needs_pre and self._pre is not None:
             self._pre.remove()
             self._pre = None
 
     def empty(self) -> bool:
-        return not (self.additive or self.transforms or self.swaps)
-
-    def remove_hooks(self) -> None:
-        self._post.remove()
-        if self._pre is not None:
-            self._pre.remove()
+        return not (self.updates or self.transforms or self.swaps)
 
 
 def site_of(module: nn.Module, name: str) -> Site:
-    """The module's site, created (with its hooks) on first use."""
+    """The module's site, created on first use (its hooks follow with :func:`refresh`)."""
     site = module.__dict__.get(_ATTR)
     if site is None:
-        site = Site(module, name)
+        site = Site(name)
         module.__dict__[_ATTR] = site
     return site
 
 
-def add_term(module: nn.Module, name: str, adapter: Adapter, term: Additive) -> None:
-    """Add ``term(input, output)`` to the module's output while ``adapter`` is live."""
-    site_of(module, name).additive.append((adapter, term))
+def refresh(model: nn.Module) -> None:
+    """Bring every site's hooks in line with which adapters are live (after any switch, merge or removal)."""
+    for module in model.modules():
+        site = module.__dict__.get(_ATTR)
+        if site is not None:
+            site.refresh(module)
+
+
+def add_update(module: nn.Module, name: str, adapter: Adapter, update: Update) -> None:
+    """While ``adapter`` is live, replace the module's output by ``update(input, output)`` (output plus a term)."""
+    site_of(module, name).updates.append((adapter, update))
 
 
 def add_transform(module: nn.Module, name: str, adapter: Adapter, transform: Transform) -> None:
@@ -106,9 +119,7 @@ def add_transform(module: nn.Module, name: str, adapter: Adapter, transform: Tra
 
 def add_swap(module: nn.Module, name: str, adapter: Adapter, params: dict[str, nn.Parameter]) -> None:
     """Use ``params`` in place of the module's own parameters of those names while ``adapter`` is live."""
-    site = site_of(module, name)
-    site.swaps.append((adapter, params))
-    site._sync_pre_hook(module)
+    site_of(module, name).swaps.append((adapter, params))
 
 
 def detach(module: nn.Module, adapter: Adapter) -> None:
@@ -116,12 +127,11 @@ def detach(module: nn.Module, adapter: Adapter) -> None:
     site = module.__dict__.get(_ATTR)
     if site is None:
         return
-    site.additive = [(a, f) for a, f in site.additive if a is not adapter]
+    site.updates = [(a, f) for a, f in site.updates if a is not adapter]
     site.transforms = [(a, f) for a, f in site.transforms if a is not adapter]
     site.swaps = [(a, p) for a, p in site.swaps if a is not adapter]
-    site._sync_pre_hook(module)
+    site.refresh(module)
     if site.empty():
-        site.remove_hooks()
         del module.__dict__[_ATTR]
 
 

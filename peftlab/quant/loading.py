@@ -257,7 +257,11 @@ def _key_mapper(model: nn.Module, expected: dict[str, bool]) -> Callable[[str], 
     prefix = getattr(model, "base_model_prefix", "") or None
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+        from transformers.core_model_loading import (
+            WeightConverter,
+            WeightRenaming,
+            rename_source_key,
+        )
 
         transforms = get_model_conversion_mapping(model)
         renamings = [t for t in transforms if isinstance(t, WeightRenaming)]

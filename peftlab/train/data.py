@@ -20,8 +20,13 @@ from typing import Any, Sequence
 import torch
 
 from peftlab.train import formats
-from peftlab.train.batching import (IGNORE_INDEX, Collator, EpochBatchSampler, batch_order,
-                                    pack_examples)
+from peftlab.train.batching import (
+    IGNORE_INDEX,
+    Collator,
+    EpochBatchSampler,
+    batch_order,
+    pack_examples,
+)
 from peftlab.train.formats import LabelMap
 from peftlab.train.records import DataError, Record, load_records, split_eval
 

@@ -17,7 +17,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import load_state, read_json, read_tensors, save_state, write_json, write_tensors
+from ..checkpoint import (
+    load_state,
+    read_json,
+    read_tensors,
+    save_state,
+    write_json,
+    write_tensors,
+)
 from ..errors import CheckpointError
 
 PREFIX = "step-"
