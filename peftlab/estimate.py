@@ -308,7 +308,7 @@ def _is_probability_dropout(name: str, block: nn.Module, layout_inputs: list[str
 
 
 def block_activations(model: nn.Module, layout: BlockLayout, tokens: int, dtype: torch.dtype,
-                      heads: int, activation: str) -> dict[str, int]:
+                      heads: int, activation: str, cuda: bool = True) -> dict[str, int]:
     """Bytes one transformer block keeps for backward, by part, for ``tokens`` tokens.
 
     Derived from the ops of Llama-style (pre-RMSNorm, rotary attention, gated MLP), GPT-2 (pre-LN,
@@ -326,7 +326,8 @@ def block_activations(model: nn.Module, layout: BlockLayout, tokens: int, dtype:
         linear input a·T·in for each distinct input of linear layers whose weight trains or whose
                      adapter keeps its input (LoRA's x for dA), once per tensor however many layers
                      read it (q, k, v share one); the MLP down projection's input a·T·I
-        dropout      1·T·h (bool mask) per residual dropout with p > 0 in train mode
+        dropout      per residual dropout with p > 0 in train mode, its mask: 1·T·h on CUDA (bool, fused
+                     kernel), a·T·h elsewhere (torch keeps the scaled noise tensor)
         adapters     what each adapter hook keeps besides its input, measured on meta tensors
                      (LoRA: x·Aᵀ a·T·r plus the low-precision casts of A and B)
     """
@@ -380,12 +381,12 @@ def block_activations(model: nn.Module, layout: BlockLayout, tokens: int, dtype:
     for name, module in block.named_modules():
         if isinstance(module, nn.Dropout) and module.p > 0 and \
                 not _is_probability_dropout(f"{layout.path}.{name}", block, layout.attention_inputs):
-            parts["dropout"] += tokens * hidden
+            parts["dropout"] += tokens * hidden * (1 if cuda else a)
     return parts
 
 
 def _outside_blocks(model: nn.Module, stacks: list[str], tokens: int, batch: int, dtype: torch.dtype,
-                    seq_len: int) -> dict[str, int]:
+                    seq_len: int, cuda: bool = True) -> dict[str, int]:
     """Activations kept outside the blocks: embedding/final norms and dropouts, the head's input,
     rotary cos/sin. Modules after a pooler (BERT's classifier side) see one row per sequence."""
     a = torch.tensor([], dtype=dtype).element_size()
@@ -403,7 +404,7 @@ def _outside_blocks(model: nn.Module, stacks: list[str], tokens: int, batch: int
                                                                                               dtype)))
         elif isinstance(module, nn.Dropout) and module.p > 0:
             width = getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd", 0)
-            parts["dropout"] += rows * width
+            parts["dropout"] += rows * width * (1 if cuda else a)
         elif name in heads and targeting.is_linear(module):
             in_f, out_f = targeting.linear_features(module)
             hooks = _hook_cost(module, in_f, out_f, dtype)
@@ -467,7 +468,7 @@ def estimate_run(run, config=None, task: str | None = None, cuda: bool = True) -
 
     ``config`` (a transformers config) is used instead of loading ``run.model``; ``task`` forces
     ``"classification"`` or ``"causal_lm"`` (default: the config's architecture); ``cuda=False``
-    drops the cuBLAS workspaces.
+    describes a CPU run (no cuBLAS workspaces, dropout keeps its noise in the activation dtype).
     """
     from .train.setup import weights_dtype
 
@@ -510,10 +511,10 @@ def estimate_run(run, config=None, task: str | None = None, cuda: bool = True) -
     heads = getattr(model_config, "num_attention_heads", None) or getattr(model_config, "n_head", 1)
     activation = _activation_name(model_config)
     first = _first_trained_block(base, layouts)
-    per_block = [sum(block_activations(base, lay, tokens, compute_dtype, heads, activation).values())
+    per_block = [sum(block_activations(base, lay, tokens, compute_dtype, heads, activation, cuda).values())
                  if i >= first else 0 for i, lay in enumerate(layouts)]
     stacks = sorted({lay.path.rsplit(".", 1)[0] for lay in layouts})
-    outside = sum(_outside_blocks(base, stacks, tokens, batch, compute_dtype, seq).values())
+    outside = sum(_outside_blocks(base, stacks, tokens, batch, compute_dtype, seq, cuda).values())
     a = torch.tensor([], dtype=compute_dtype).element_size()
     hidden = getattr(model_config, "hidden_size", None) or getattr(model_config, "n_embd")
     checkpointing = run.train.gradient_checkpointing
@@ -571,7 +572,8 @@ def estimate_run(run, config=None, task: str | None = None, cuda: bool = True) -
              "method": run.method, "method_options": dict(run.method_options), "quantize": run.quantize,
              "batch_size": batch, "seq_len": seq, "optimizer": optimizer, "precision": precision,
              "gradient_checkpointing": checkpointing, "weights_dtype": _dtype_name(weight_dtype),
-             "activations_per_block": per_block[-1], "blocks": len(layouts), "first_trained_block": first}
+             "activations_per_block": per_block[-1], "stored_activations": stored, "blocks": len(layouts),
+             "first_trained_block": first}
     return MemoryEstimate(setup, parts, phases, peak, notes, {"paged optimizer states": paged} if paged else {})
 
 

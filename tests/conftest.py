@@ -61,6 +61,32 @@ def any_model_factory(request):
     return MODEL_FACTORIES[request.param]
 
 
+def loss_of(model, batch):
+    """The model's own loss: next-token for causal LMs, 3-way labels for classifiers."""
+    from peftlab import PeftModel
+
+    base = model.base_model if isinstance(model, PeftModel) else model  # HF models have a base_model too
+    if type(base).__name__.endswith("ForSequenceClassification"):
+        labels = torch.arange(batch["input_ids"].shape[0]) % 3
+    else:
+        labels = batch["input_ids"]
+    return model(**batch, labels=labels).loss
+
+
+def train_steps(model, batch, steps: int = 8, lr: float = 1e-2) -> list[float]:
+    """A few AdamW steps on the trainable parameters; returns the loss before each step."""
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = loss_of(model, batch)
+        losses.append(loss.item())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return losses
+
+
 @pytest.fixture
 def token_batch():
     """A fixed batch of token ids and attention mask (batch 2, length 12)."""

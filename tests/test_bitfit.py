@@ -10,7 +10,7 @@ import peftlab
 from peftlab.adapters.bitfit import BitFitConfig
 from peftlab.checkpoint import CONFIG_NAME
 from peftlab.errors import CheckpointError, ConfigError, TargetError
-from tests.conftest import make_bert_classifier, make_gpt2, make_llama
+from tests.conftest import loss_of, make_bert_classifier, make_gpt2, make_llama, train_steps
 from tests.test_houlsby import (
     INTER,
     LABELS,
@@ -18,7 +18,6 @@ from tests.test_houlsby import (
     H,
     bert_base,
     bert_base_total,
-    loss_of,
 )
 
 FACTORIES = {"llama": make_llama, "gpt2": make_gpt2, "bert": make_bert_classifier}
@@ -74,16 +73,8 @@ def test_training_changes_only_bias_offsets(any_model_factory, token_batch):
     arch = type(model).__name__
     base_before = {k: v.clone() for k, v in model.state_dict().items()}
     wrapped = peftlab.wrap(model, BitFitConfig(add_missing=arch.startswith("Llama")))
-    wrapped.train()
     adapter_before = {k: v.clone() for k, v in wrapped.adapters.state_dict().items()}
-    opt = torch.optim.AdamW(wrapped.trainable_parameters(), lr=5e-2)
-    losses = []
-    for _ in range(6):
-        loss = loss_of(wrapped, token_batch)
-        losses.append(loss.item())
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+    losses = train_steps(wrapped, token_batch, steps=6, lr=5e-2)
     assert losses[-1] < losses[0]
     for key, value in model.state_dict().items():
         assert value.equal(base_before[key]), f"base tensor {key} changed"

@@ -14,7 +14,7 @@ import peftlab
 from peftlab.adapters.houlsby import HoulsbyConfig, PfeifferConfig
 from peftlab.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from peftlab.errors import CheckpointError, ConfigError, MergeError, TargetError
-from tests.conftest import make_bert_classifier, make_gpt2, make_llama
+from tests.conftest import loss_of, make_bert_classifier, make_gpt2, make_llama, train_steps
 
 FACTORIES = {"llama": make_llama, "gpt2": make_gpt2, "bert": make_bert_classifier}
 
@@ -25,15 +25,6 @@ PLACEMENT = {
     "gpt2": ("transformer.h.{}.attn.c_proj", "transformer.h.{}.mlp.c_proj"),
     "llama": ("model.layers.{}.self_attn.o_proj", "model.layers.{}.mlp.down_proj"),
 }
-
-
-def loss_of(model, batch):
-    inner = model.base_model if isinstance(model, peftlab.PeftModel) else model
-    if type(inner).__name__.endswith("ForSequenceClassification"):
-        labels = torch.arange(batch["input_ids"].shape[0]) % 3
-    else:
-        labels = batch["input_ids"]
-    return model(**batch, labels=labels).loss
 
 
 def perturb_norms(wrapped):
@@ -90,16 +81,8 @@ def test_training_changes_only_adapter_parameters(any_model_factory, token_batch
     model = any_model_factory()
     base_before = {k: v.clone() for k, v in model.state_dict().items()}
     wrapped = peftlab.wrap(model, HoulsbyConfig(reduction_factor=4))
-    wrapped.train()
     adapter_before = {k: v.clone() for k, v in wrapped.adapters.state_dict().items()}
-    opt = torch.optim.AdamW(wrapped.trainable_parameters(), lr=1e-2)
-    losses = []
-    for _ in range(6):
-        loss = loss_of(wrapped, token_batch)
-        losses.append(loss.item())
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+    losses = train_steps(wrapped, token_batch, steps=6, lr=1e-2)
     assert losses[-1] < losses[0]
     for key, value in model.state_dict().items():
         assert value.equal(base_before[key]), f"base tensor {key} changed"

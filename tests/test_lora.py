@@ -7,15 +7,7 @@ import torch
 
 import peftlab
 from peftlab import LoraConfig
-from tests.conftest import make_bert_classifier, make_gpt2, make_llama
-
-
-def loss_of(model, batch):
-    if "ForSequenceClassification" in type(getattr(model, "base_model", model)).__name__:
-        labels = torch.arange(batch["input_ids"].shape[0]) % 3
-    else:
-        labels = batch["input_ids"]
-    return model(**batch, labels=labels).loss
+from tests.conftest import loss_of, make_bert_classifier, make_gpt2, make_llama, train_steps
 
 
 CONFIGS = [
@@ -38,16 +30,8 @@ def test_training_changes_only_adapter_parameters(any_model_factory, token_batch
     model = any_model_factory()
     base_before = {k: v.clone() for k, v in model.state_dict().items()}
     wrapped = peftlab.wrap(model, LoraConfig(r=4, bias="lora_only"))
-    wrapped.train()
     adapter_before = {k: v.clone() for k, v in wrapped.adapters.state_dict().items()}
-    opt = torch.optim.AdamW(wrapped.trainable_parameters(), lr=1e-2)
-    losses = []
-    for _ in range(8):
-        loss = loss_of(wrapped, token_batch)
-        losses.append(loss.item())
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+    losses = train_steps(wrapped, token_batch)
     assert losses[-1] < losses[0]
     for key, value in model.state_dict().items():
         assert value.equal(base_before[key]), f"base tensor {key} changed"

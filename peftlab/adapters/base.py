@@ -100,18 +100,22 @@ class Adapter(nn.Module):
         """Take the adapter out of the base weights again, restoring them bit for bit."""
         raise MergeError(f"adapter '{self.adapter_name}' ({self.method}) cannot be merged or unmerged.")
 
-    # --- checkpoints -----------------------------------------------------------------------
+    # --- checkpoints (peftlab's own format by default; methods sharing a peer's format override) ---
+    def tensor_targets(self, model: nn.Module) -> dict[str, tuple[torch.Tensor, str]]:
+        """``saved key -> (tensor, what it is)`` for everything the adapter saves and loads."""
+        raise NotImplementedError
+
     def checkpoint_config(self, model: nn.Module) -> dict[str, Any]:
         """The JSON written as ``adapter_config.json``."""
-        raise NotImplementedError
+        return {**self.config.to_dict(), "peftlab": saved_metadata(self.method, self.format_version)}
 
     def checkpoint_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The tensors written to ``adapter_model.safetensors``, under the format's key names."""
-        raise NotImplementedError
+        return {key: tensor for key, (tensor, _) in self.tensor_targets(model).items()}
 
     def load_checkpoint_tensors(self, model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
         """Load tensors written by :meth:`checkpoint_tensors` (or by the peer library sharing the format)."""
-        raise NotImplementedError
+        load_checked(self.tensor_targets(model), tensors, source)
 
     @classmethod
     def config_from_checkpoint(cls, saved: dict[str, Any], source: str) -> AdapterConfig:
@@ -128,9 +132,11 @@ class Adapter(nn.Module):
         for p in self.parameters():
             p.requires_grad_(trainable)
 
+    part_kinds: ClassVar[dict[str, str]] = {}  # own submodule name -> kind shown in summaries
+
     def parameter_kinds(self) -> dict[str, str]:
         """Map each own parameter name (as in ``named_parameters``) to a short kind for summaries."""
-        return {n: self.method for n, _ in self.named_parameters()}
+        return {n: self.part_kinds.get(n.split(".", 1)[0], self.method) for n, _ in self.named_parameters()}
 
 
 def saved_metadata(method: str, format_version: int) -> dict[str, Any]:

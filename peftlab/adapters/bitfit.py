@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn
@@ -21,12 +21,11 @@ from torch import nn
 from .. import registry, targeting
 from ..errors import ConfigError, TargetError
 from ..targeting import is_under
-from .base import Adapter, AdapterConfig, load_checked, saved_metadata
+from .base import Adapter, AdapterConfig
 from .bias import BiasOffsets, bias_on_last_dim, has_bias
 from .copies import TrainableCopies, resolve_copies
 from .layout import BlockLayout, block_layouts
 
-FORMAT_VERSION = 1
 
 
 def _named(paths: list[str], pattern: str) -> list[str]:
@@ -87,6 +86,7 @@ class BitFit(Adapter):
 
     method = "bitfit"
     config_cls = BitFitConfig
+    part_kinds = {"biases": "bias", "copies": "modules_to_save"}
     mergeable = True
     zero_when_untrained = True  # it saves bias offsets, which start at zero
 
@@ -195,27 +195,12 @@ class BitFit(Adapter):
         self.merged = False
 
     # --- checkpoints (peftlab's own format) --------------------------------------------------
-    def _tensor_targets(self, model: nn.Module) -> dict[str, tuple[torch.Tensor, str]]:
+    def tensor_targets(self, model: nn.Module) -> dict[str, tuple[torch.Tensor, str]]:
         targets = {f"{path}.bias_offset": (offset.delta.detach(), f"bias offset of '{path}'")
                    for path, offset in zip(self.biases.paths(), self.biases.offsets.values())}
         for name, value in self.copies.trained_tensors(model, self.merged).items():
             targets[name] = (value, f"'{name}' (modules_to_save)")
         return targets
-
-    def checkpoint_config(self, model: nn.Module) -> dict[str, Any]:
-        return {**self.config.to_dict(), "peftlab": saved_metadata(self.method, FORMAT_VERSION)}
-
-    def checkpoint_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return {key: tensor for key, (tensor, _) in self._tensor_targets(model).items()}
-
-    def load_checkpoint_tensors(self, model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-        load_checked(self._tensor_targets(model), tensors, source)
-
-
-    def parameter_kinds(self) -> dict[str, str]:
-        kinds = {"biases": "bias", "copies": "modules_to_save"}
-        return {n: kinds[n.split(".", 1)[0]] for n, _ in self.named_parameters()}
-
 
 def _suffixes(modules: list[tuple[str, nn.Module]]) -> list[str]:
     return sorted({n.rsplit(".", 1)[-1] for n, m in modules if has_bias(m)})

@@ -32,7 +32,7 @@ model's hidden size. ``attention_modules``/``ffn_modules`` name the modules wher
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -46,15 +46,12 @@ from .base import (
     Adapter,
     AdapterConfig,
     check_choice,
-    load_checked,
     module_key,
     module_path,
-    saved_metadata,
 )
 from .copies import TrainableCopies, resolve_copies
 from .layout import block_layouts, is_norm
 
-FORMAT_VERSION = 1
 ACTIVATIONS = {"swish": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU}
 INITS = ("zeros", "random")
 
@@ -172,6 +169,7 @@ class BottleneckAdapter(Adapter):
     """Bottleneck adapters on chosen sublayer outputs, plus optionally trained norms and heads."""
 
     sublayers: ClassVar[tuple[str, ...]] = ()  # "attention" and/or "ffn": where a subclass places adapters
+    part_kinds = {"bottlenecks": "bottleneck", "norms": "layer_norm", "copies": "modules_to_save"}
     not_mergeable_because = ("its bottleneck x + up(act(down(x))) is a nonlinearity that no change of the base "
                              "weights can express")
 
@@ -275,7 +273,7 @@ class BottleneckAdapter(Adapter):
         self.copies.remove(model, self)
 
     # --- checkpoints (peftlab's own format) --------------------------------------------------
-    def _tensor_targets(self, model: nn.Module) -> dict[str, tuple[torch.Tensor, str]]:
+    def tensor_targets(self, model: nn.Module) -> dict[str, tuple[torch.Tensor, str]]:
         """Saved key -> (the live tensor it is read from and loaded into, a description)."""
         targets = {}
         for path in self.paths():
@@ -287,21 +285,6 @@ class BottleneckAdapter(Adapter):
         for name, value in self.copies.trained_tensors(model, merged=False).items():
             targets[name] = (value, f"'{name}' (modules_to_save)")
         return targets
-
-    def checkpoint_config(self, model: nn.Module) -> dict[str, Any]:
-        return {**self.config.to_dict(), "peftlab": saved_metadata(self.method, FORMAT_VERSION)}
-
-    def checkpoint_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return {key: tensor for key, (tensor, _) in self._tensor_targets(model).items()}
-
-    def load_checkpoint_tensors(self, model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-        load_checked(self._tensor_targets(model), tensors, source)
-
-
-    def parameter_kinds(self) -> dict[str, str]:
-        kinds = {"bottlenecks": "bottleneck", "norms": "layer_norm", "copies": "modules_to_save"}
-        return {n: kinds[n.split(".", 1)[0]] for n, _ in self.named_parameters()}
-
 
 @registry.register
 class Houlsby(BottleneckAdapter):

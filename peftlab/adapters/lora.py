@@ -172,6 +172,8 @@ class Lora(Adapter):
     method = "lora"
     config_cls = LoraConfig
     peft_type = "LORA"
+    format_version = FORMAT_VERSION
+    part_kinds = {"layers": "lora", "biases": "bias", "copies": "modules_to_save"}
     mergeable = True
 
     def __init__(self, name: str, config: LoraConfig):
@@ -288,7 +290,7 @@ class Lora(Adapter):
             "alpha_pattern": dict(cfg.alpha_pattern),
             "use_dora": False,
             "inference_mode": True,
-            "peftlab": saved_metadata(self.method, FORMAT_VERSION),
+            "peftlab": saved_metadata(self.method, self.format_version),
         }
 
     def _bias_key(self, path: str) -> str:
@@ -346,9 +348,6 @@ class Lora(Adapter):
     def config_from_checkpoint(cls, saved: dict[str, Any], source: str) -> LoraConfig:
         return lora_config_from_peft(saved, source)
 
-    def parameter_kinds(self) -> dict[str, str]:
-        kinds = {"layers": "lora", "biases": "bias", "copies": "modules_to_save"}
-        return {n: kinds[n.split(".", 1)[0]] for n, _ in self.named_parameters()}
 
 
 # --- helpers ---------------------------------------------------------------------------------

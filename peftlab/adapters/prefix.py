@@ -160,6 +160,8 @@ class PrefixTuning(Adapter):
     method = "prefix"
     config_cls = PrefixTuningConfig
     peft_type = PEFT_TYPE
+    format_version = FORMAT_VERSION
+    part_kinds = {"prefix": "prefix", "copies": "modules_to_save"}
     mergeable = False
     not_mergeable_because = ("prefix tuning adds key/value vectors to every attention layer, which no change of "
                              "the base weights can express")
@@ -231,7 +233,7 @@ class PrefixTuning(Adapter):
             "prefix_projection": False,  # the saved tensor is the prefix itself, with any MLP folded in
             "inference_mode": True,
             "modules_to_save": self.copies.paths() or None,
-            "peftlab": saved_metadata(self.method, FORMAT_VERSION),
+            "peftlab": saved_metadata(self.method, self.format_version),
         }
 
     def checkpoint_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -308,9 +310,6 @@ class PrefixTuning(Adapter):
         except ConfigError as err:
             raise ConfigError(f"{source}: {err}") from None
 
-    def parameter_kinds(self) -> dict[str, str]:
-        kinds = {"prefix": "prefix", "copies": "modules_to_save"}
-        return {n: kinds[n.split(".", 1)[0]] for n, _ in self.named_parameters()}
 
 
 __all__ = ["PrefixTuning", "PrefixTuningConfig", "PrefixUnsupportedError"]
