@@ -293,7 +293,7 @@ def print_tuning_tables(rows: list[dict]) -> None:
 
 
 def merge(paths: list[Path]) -> dict:
-    """Per-shape result files of one session -> one payload with the summary table."""
+    """Per-shape result files of one benchmark run -> one payload with the summary table."""
     parts = [json.loads(p.read_text()) for p in paths]
     payload = {k: v for k, v in parts[0].items() if k not in ("rows", "dequant", "eager_fallbacks")}
     payload["rows"] = [row for part in parts for row in part["rows"]]

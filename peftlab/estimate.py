@@ -285,30 +285,35 @@ def _activation_name(config) -> str:
     return "gelu"
 
 
-def _norm_bytes(norm: nn.Module, elements: int, a: int, trains: bool) -> int:
+def _norm_bytes(norm: nn.Module, elements: int, a: int, trains: bool, cuda: bool = True) -> int:
     """Bytes one norm keeps for ``elements`` normalized numbers (tokens x width, ``w`` wide each row).
 
     RMSNorm as transformers writes it (x.float(); x * rsqrt(mean(x^2) + eps); weight * y.to(dtype)):
     the fp32 copy of its input (4 bytes an element), the fp32 rsqrt per row, and y if the weight trains.
-    LayerNorm (one fused op): its input at the compute dtype and the fp32 mean and rstd per row.
+    LayerNorm (one fused op): its input at the compute dtype and the mean and rstd per row (fp32 on
+    CUDA; the CPU kernel keeps them at the compute dtype).
     """
     rows = elements // max(1, _width(norm))
     if type(norm).__name__.endswith("RMSNorm") or isinstance(norm, nn.RMSNorm):
         return 4 * elements + 4 * rows + (a * elements if trains else 0)
-    return a * elements + 8 * rows
+    return a * elements + 2 * (4 if cuda else a) * rows
 
 
-def _is_probability_dropout(name: str, block: nn.Module, layout_inputs: list[str]) -> bool:
-    """Dropout on attention probabilities: handed to the fused attention kernel, which keeps no mask."""
+def _is_probability_dropout(name: str, layout: BlockLayout) -> bool:
+    """Dropout on attention probabilities, which the fused attention kernel applies itself (keeping no mask):
+    named so (GPT-2's ``attn_dropout``), or in the module that holds q/k/v but not the output projection
+    (BERT's ``attention.self.dropout``)."""
     leaf = name.rsplit(".", 1)[-1]
     if "attn_dropout" in leaf or "attention_dropout" in leaf:
         return True
     parent = name.rpartition(".")[0]
-    return any(i.rpartition(".")[0] == parent for i in layout_inputs)
+    holds_inputs = any(n.rpartition(".")[0] == parent for n in layout.attention_inputs)
+    holds_output = any(n.rpartition(".")[0] == parent for n in layout.attention_outputs)
+    return holds_inputs and not holds_output
 
 
 def block_activations(model: nn.Module, layout: BlockLayout, tokens: int, dtype: torch.dtype,
-                      heads: int, activation: str, cuda: bool = True) -> dict[str, int]:
+                      heads: int, activation: str, cuda: bool = True, input_needs_grad: bool = True) -> dict[str, int]:
     """Bytes one transformer block keeps for backward, by part, for ``tokens`` tokens.
 
     Derived from the ops of Llama-style (pre-RMSNorm, rotary attention, gated MLP), GPT-2 (pre-LN,
@@ -330,6 +335,9 @@ def block_activations(model: nn.Module, layout: BlockLayout, tokens: int, dtype:
                      kernel), a·T·h elsewhere (torch keeps the scaled noise tensor)
         adapters     what each adapter hook keeps besides its input, measured on meta tensors
                      (LoRA: x·Aᵀ a·T·r plus the low-precision casts of A and B)
+
+    ``input_needs_grad=False`` (the lowest trained block, nothing trained below it): the pre-norm that
+    reads the block input keeps nothing.
     """
     a = torch.tensor([], dtype=dtype).element_size()
     get = model.get_submodule
@@ -348,13 +356,19 @@ def block_activations(model: nn.Module, layout: BlockLayout, tokens: int, dtype:
     # norms; a norm narrower than the hidden size normalizes each head of q or k (e.g. Qwen3's q_norm)
     widths = [targeting.linear_features(get(n))[1] for n in layout.attention_inputs]
     hidden = targeting.linear_features(get(layout.attention_inputs[0]))[0] if widths else 0
+    leading = layout.norms[0] if layout.norms and layout.norms[0].rpartition(".")[0] == layout.path else None
     for name in layout.norms:
         norm = get(name)
         width = per_token = _width(norm)
         if widths and width < hidden:
             per_token = widths[1] if name.rsplit(".", 1)[-1].startswith("k") and len(widths) > 1 else widths[0]
         trains = _trains(norm, _hook_cost(norm, width, width, dtype))
-        parts["norms"] += _norm_bytes(norm, tokens * per_token, a, trains)
+        if name == leading and not input_needs_grad:  # only a trained weight needs what it saw
+            rms = type(norm).__name__.endswith("RMSNorm") or isinstance(norm, nn.RMSNorm)
+            parts["norms"] += 0 if not trains else a * tokens * per_token if rms else \
+                _norm_bytes(norm, tokens * per_token, a, trains, cuda)
+            continue
+        parts["norms"] += _norm_bytes(norm, tokens * per_token, a, trains, cuda)
 
     # attention
     if layout.attention_inputs:
@@ -380,37 +394,45 @@ def block_activations(model: nn.Module, layout: BlockLayout, tokens: int, dtype:
     block = get(layout.path)
     for name, module in block.named_modules():
         if isinstance(module, nn.Dropout) and module.p > 0 and \
-                not _is_probability_dropout(f"{layout.path}.{name}", block, layout.attention_inputs):
+                not _is_probability_dropout(f"{layout.path}.{name}", layout):
             parts["dropout"] += tokens * hidden * (1 if cuda else a)
     return parts
 
 
 def _outside_blocks(model: nn.Module, stacks: list[str], tokens: int, batch: int, dtype: torch.dtype,
-                    seq_len: int, cuda: bool = True) -> dict[str, int]:
-    """Activations kept outside the blocks: embedding/final norms and dropouts, the head's input,
-    rotary cos/sin. Modules after a pooler (BERT's classifier side) see one row per sequence."""
+                    seq_len: int, cuda: bool = True, grads_before: bool = True) -> dict[str, int]:
+    """Activations kept outside the blocks: embedding/final norms and dropouts, the inputs of linear
+    layers there (pooler, head), rotary cos/sin. Modules after a pooler (BERT's classifier side) see one
+    row per sequence; a pooler reads a slice of every token's state, and keeping the slice keeps them
+    all. Embedding-side modules keep nothing unless ``grads_before`` (something there trains)."""
     a = torch.tensor([], dtype=dtype).element_size()
-    parts = {"norms": 0, "dropout": 0, "head_input": 0, "rotary": 0}
-    heads = targeting.head_modules(model)
-    pooled = False
+    parts = {"norms": 0, "dropout": 0, "linear_inputs": 0, "rotary": 0}
+    pooler: str | None = None
+    after_blocks = False
     for name, module in model.named_modules():
-        if not name or is_under(name, stacks):
+        if not name:
             continue
-        pooled = pooled or name.rsplit(".", 1)[-1] == "pooler"
-        rows = batch if pooled else tokens
+        if is_under(name, stacks):
+            after_blocks = True
+            continue
+        if not after_blocks and not grads_before and (is_norm(module) or isinstance(module, nn.Dropout)):
+            continue
+        if pooler is None and name.rsplit(".", 1)[-1] == "pooler":
+            pooler = name
+        rows = batch if pooler is not None and not is_under(name, [pooler]) else tokens
         if is_norm(module):
             width = _width(module)
-            parts["norms"] += _norm_bytes(module, rows * width, a, _trains(module, _hook_cost(module, width, width,
-                                                                                              dtype)))
+            trains = _trains(module, _hook_cost(module, width, width, dtype))
+            parts["norms"] += _norm_bytes(module, rows * width, a, trains, cuda)
         elif isinstance(module, nn.Dropout) and module.p > 0:
             width = getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd", 0)
             parts["dropout"] += rows * width * (1 if cuda else a)
-        elif name in heads and targeting.is_linear(module):
+        elif targeting.is_linear(module):
             in_f, out_f = targeting.linear_features(module)
             hooks = _hook_cost(module, in_f, out_f, dtype)
             if hooks.saves_input or _trains(module, hooks):
-                parts["head_input"] += a * rows * in_f
-            parts["head_input"] += hooks.per_token * rows + hooks.fixed
+                parts["linear_inputs"] += a * rows * in_f
+            parts["linear_inputs"] += hooks.per_token * rows + hooks.fixed
         elif "rotary" in type(module).__name__.lower():
             head_dim = getattr(model.config, "head_dim", None) or (
                 model.config.hidden_size // model.config.num_attention_heads)
@@ -429,19 +451,21 @@ def _needs_gradient(module: nn.Module) -> bool:
     return any(p.requires_grad for adapter in adapters for p in adapter.parameters())
 
 
-def _first_trained_block(model: nn.Module, layouts: list[BlockLayout]) -> int:
-    """Blocks below the first one holding something trainable keep nothing: no gradient flows there.
-    Anything trainable before the blocks (e.g. trained embeddings) makes every block count."""
+def _first_trained_block(model: nn.Module, layouts: list[BlockLayout]) -> tuple[int, bool]:
+    """(index of the lowest block holding something trainable, whether something before the blocks trains).
+
+    Blocks below that one keep nothing (no gradient flows there); neither do the embedding-side norms
+    and dropouts unless something before the blocks (trained embeddings) needs a gradient."""
     first_block = layouts[0].path
     for name, module in model.named_modules():
         if name == first_block:
             break
         if _needs_gradient(module):
-            return 0
+            return 0, True
     for index, lay in enumerate(layouts):
         if any(_needs_gradient(m) for m in model.get_submodule(lay.path).modules()):
-            return index
-    return len(layouts)
+            return index, False
+    return len(layouts), False
 
 
 def _working_set(model: nn.Module, layout: BlockLayout, tokens: int, dtype: torch.dtype) -> int:
@@ -510,11 +534,12 @@ def estimate_run(run, config=None, task: str | None = None, cuda: bool = True) -
     model_config = base.config
     heads = getattr(model_config, "num_attention_heads", None) or getattr(model_config, "n_head", 1)
     activation = _activation_name(model_config)
-    first = _first_trained_block(base, layouts)
-    per_block = [sum(block_activations(base, lay, tokens, compute_dtype, heads, activation, cuda).values())
+    first, grads_before = _first_trained_block(base, layouts)
+    per_block = [sum(block_activations(base, lay, tokens, compute_dtype, heads, activation, cuda,
+                                       input_needs_grad=grads_before or i > first).values())
                  if i >= first else 0 for i, lay in enumerate(layouts)]
     stacks = sorted({lay.path.rsplit(".", 1)[0] for lay in layouts})
-    outside = sum(_outside_blocks(base, stacks, tokens, batch, compute_dtype, seq, cuda).values())
+    outside = sum(_outside_blocks(base, stacks, tokens, batch, compute_dtype, seq, cuda, grads_before).values())
     a = torch.tensor([], dtype=compute_dtype).element_size()
     hidden = getattr(model_config, "hidden_size", None) or getattr(model_config, "n_embd")
     checkpointing = run.train.gradient_checkpointing

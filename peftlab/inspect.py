@@ -22,7 +22,8 @@ from .errors import PeftlabError
 from .summary import ParameterSummary, summarize
 
 __all__ = ["InspectError", "InspectReport", "LinearGroup", "TreeNode", "build_skeleton", "inspect_model",
-           "inspect_run", "load_model_config", "method_run_config", "prepare_skeleton", "split_wrapped"]
+           "inspect_run", "load_model_config", "method_run_config", "model_location_of", "prepare_skeleton",
+           "split_wrapped"]
 
 # ``data.train`` is required by run configs; inspecting and estimating read no data.
 NO_DATA = "(not used)"
@@ -34,13 +35,18 @@ class InspectError(PeftlabError, ValueError):
 
 
 # ----------------------------------------------------------------------------- building
+def model_location_of(ref: str) -> str:
+    """A model folder or hub id; ``pkg:<package>/<path>`` resolves to a folder inside an installed package."""
+    from .train.setup import model_location
+
+    return model_location(_RefOnly(ref))
+
+
 def load_model_config(ref: str):
     """The transformers config of a model folder, hub id or ``pkg:<package>/<path>`` reference."""
     from transformers import AutoConfig
 
-    from .train.setup import model_location
-
-    location = model_location(_RefOnly(ref))
+    location = model_location_of(ref)
     try:
         return AutoConfig.from_pretrained(location)
     except (OSError, ValueError) as err:
@@ -59,6 +65,8 @@ def model_class(config, task: str | None = None):
     """The class to build: the task's Auto class when given, else the config's own architecture."""
     import transformers
 
+    if task not in (None, "causal_lm", "classification"):
+        raise InspectError(f"task {task!r} is not one of causal_lm, classification.")
     if task == "classification":
         return transformers.AutoModelForSequenceClassification
     if task is None:

@@ -47,6 +47,9 @@ def reported_errors(debug: bool) -> Iterator[None]:
 def main() -> None:
     """Console-script entry point."""
     from . import finetune  # noqa: F401  (registers the command)
+    from . import merge  # noqa: F401
+    from . import inspect  # noqa: F401
+    from . import estimate  # noqa: F401
 
     app(prog_name="peftlab", args=sys.argv[1:])
 
