@@ -435,6 +435,12 @@ def check_triton_update_matches_torch_path(device: str) -> None:
         mean = many.double().view(reps, -1).mean(0)
         err = (mean - exact[: p.numel()].double()).abs().mean() / exact.double().abs().mean()
         assert err < 2e-3, (dtype, float(err))
+        # the kernel's in-pass gradient norm: the squared norm of the raw (unscaled) gradient, accumulated
+        sink = torch.full((), 2.0, device=device)
+        fu._apply_triton(p.clone(), grad, lr=0.01, weight_decay=0.0, grad_scale=0.5, lr_mult=None, grad_mult=None,
+                         row=None, col=None, stochastic_rounding=True, seed=5, sq_out=sink)
+        expected = 2.0 + grad.double().square().sum().item()
+        assert abs(sink.item() - expected) <= 1e-5 * expected, (dtype, sink.item(), expected)
 
 
 def test_triton_update_kernel_matches_torch_path_in_interpreter():

@@ -29,15 +29,20 @@ def _finish(p, u, step, weight_decay, seed, rand_offs, ROUNDING: tl.constexpr):
 
 
 @triton.jit
-def flat_update_kernel(p_ptr, g_ptr, vec_ptr, lr_mult_ptr, grad_mult_ptr, numel,
+def flat_update_kernel(p_ptr, g_ptr, vec_ptr, lr_mult_ptr, grad_mult_ptr, sq_ptr, numel,
                        lr, weight_decay, grad_scale, seed,
                        HAS_VEC: tl.constexpr, HAS_LR_MULT: tl.constexpr, HAS_GRAD_MULT: tl.constexpr,
-                       ROUNDING: tl.constexpr, BLOCK: tl.constexpr):
-    """Element-wise update; ``vec`` (optional) scales each element's gradient."""
+                       HAS_SQ: tl.constexpr, ROUNDING: tl.constexpr, BLOCK: tl.constexpr):
+    """Element-wise update; ``vec`` (optional) scales each element's gradient. With ``HAS_SQ`` the raw
+    gradient's sum of squares is also added to ``sq_ptr`` (one atomic per block), so tracking the
+    gradient norm costs no extra pass or launch."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
-    u = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * grad_scale
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SQ:
+        tl.atomic_add(sq_ptr, tl.sum(g * g, axis=0))
+    u = g * grad_scale
     if HAS_VEC:
         u = u * tl.load(vec_ptr + offs, mask=mask, other=0.0)
     if HAS_GRAD_MULT:

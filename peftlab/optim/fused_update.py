@@ -81,26 +81,35 @@ def apply_update_(
     col: torch.Tensor | None = None,
     stochastic_rounding: bool = True,
     seed: int = 0,
+    sq_out: torch.Tensor | None = None,
 ) -> None:
-    """Apply ``param ← param·(1 − step·wd) − step·u`` in place (see the module docstring)."""
+    """Apply ``param ← param·(1 − step·wd) − step·u`` in place (see the module docstring).
+
+    ``sq_out`` (a 0-d fp32 tensor on the parameter's device), if given, gets the raw gradient's
+    squared L2 norm added to it (inside the update kernel where possible).
+    """
     if not param.is_contiguous():
         # Rare (transposed parameters): update a contiguous copy, then write it back.
         work = param.contiguous()
         apply_update_(work, grad, lr=lr, weight_decay=weight_decay, grad_scale=grad_scale,
                       lr_mult=lr_mult, grad_mult=grad_mult, row=row, col=col,
-                      stochastic_rounding=stochastic_rounding, seed=seed)
+                      stochastic_rounding=stochastic_rounding, seed=seed, sq_out=sq_out)
         param.copy_(work)
         return
     grad = grad.contiguous()
     if param.is_cuda and param.dtype in _LOW_PRECISION and _triton_kernels() is not None:
         try:
             _apply_triton(param, grad, lr, weight_decay, grad_scale, lr_mult, grad_mult, row, col,
-                          stochastic_rounding, seed)
+                          stochastic_rounding, seed, sq_out if col is None else None)
+            if sq_out is not None and col is not None:
+                sq_out.add_(torch.linalg.vector_norm(grad, dtype=torch.float32).square())
             return
         except Exception as exc:  # a broken Triton install must not stop training
             warnings.warn(f"Triton update kernel failed ({exc}); falling back to torch ops.", stacklevel=2)
             _triton_kernels.cache_clear()
             _disable_triton()
+    if sq_out is not None:
+        sq_out.add_(torch.linalg.vector_norm(grad, dtype=torch.float32).square())
     _apply_torch(param, grad, lr, weight_decay, grad_scale, lr_mult, grad_mult, row, col,
                  stochastic_rounding, seed)
 
@@ -172,7 +181,7 @@ def _triton_kernels():
 
 
 def _apply_triton(param, grad, lr, weight_decay, grad_scale, lr_mult, grad_mult, row, col,
-                  stochastic_rounding, seed):
+                  stochastic_rounding, seed, sq_out=None):
     kernels = _triton_kernels()
     rounding = kernels.ROUND_NEAREST
     if stochastic_rounding:
@@ -187,8 +196,9 @@ def _apply_triton(param, grad, lr, weight_decay, grad_scale, lr_mult, grad_mult,
         numel = param.numel()
         block = 2048
         kernels.flat_update_kernel[(-(-numel // block),)](
-            param, grad, row if row is not None else dummy, lr_mult_arg, grad_mult_arg, numel,
-            *scalars, HAS_VEC=row is not None, BLOCK=block, **common)
+            param, grad, row if row is not None else dummy, lr_mult_arg, grad_mult_arg,
+            sq_out if sq_out is not None else dummy, numel,
+            *scalars, HAS_VEC=row is not None, HAS_SQ=sq_out is not None, BLOCK=block, **common)
         return
     n_rows, n_cols = as_matrix(param).shape
     if row is None:

@@ -392,10 +392,11 @@ class _FusedBackwardOptimizer(torch.optim.Optimizer):
             self._add_sq_norm(grad, None)
             return
         group = self._group_of[p]
+        sink = self._norm_sink(grad.device) if self._track_this_pass else None
         with torch.no_grad():
-            raw_sq = self._update(p, grad, group, self.state[p], self._grad_scale, self._index[p])
-        if self._track_this_pass:
-            self._add_sq_norm(grad, raw_sq)
+            raw_sq = self._update(p, grad, group, self.state[p], self._grad_scale, self._index[p], sink)
+        if raw_sq is not None and sink is not None:
+            sink.add_(raw_sq)
 
     def _begin_pass(self, task: int) -> None:
         self._graph_task = None  # reset first so an error below leaves a clean slate
@@ -436,12 +437,18 @@ class _FusedBackwardOptimizer(torch.optim.Optimizer):
             grad.div_(self._world_size)
         return grad
 
+    def _norm_sink(self, device: torch.device) -> torch.Tensor:
+        """This pass's on-device sum of squared gradient norms (the update adds to it without syncing)."""
+        sink = self._sq_norm.get(device)
+        if sink is None:
+            sink = self._sq_norm[device] = torch.zeros((), dtype=torch.float32, device=device)
+        return sink
+
     def _add_sq_norm(self, grad: torch.Tensor, raw_sq: torch.Tensor | None) -> None:
         if raw_sq is None:
             raw_sq = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
         sq = raw_sq * (self._grad_scale ** 2) if self._mode == "measure" else raw_sq
-        acc = self._sq_norm.get(grad.device)
-        self._sq_norm[grad.device] = sq if acc is None else acc + sq
+        self._norm_sink(grad.device).add_(sq)
 
     def _validate_group(self, group: dict[str, Any], index: int) -> None:
         where = f"{type(self).__name__} param_groups[{index}]"
@@ -454,8 +461,9 @@ class _FusedBackwardOptimizer(torch.optim.Optimizer):
         return _mix64(self.seed, index, step) & 0x7FFFFFFF
 
     def _update(self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any], state: dict[str, Any],
-                grad_scale: float, index: int) -> torch.Tensor | None:
-        """Update ``p`` in place from its raw gradient; may return the raw gradient's squared norm."""
+                grad_scale: float, index: int, sq_out: torch.Tensor | None) -> torch.Tensor | None:
+        """Update ``p`` in place from its raw gradient. Either adds the raw gradient's squared norm to
+        ``sq_out`` itself (when given) and returns None, or returns that squared norm."""
         raise NotImplementedError
 
 
@@ -490,11 +498,11 @@ class Lomo(_FusedBackwardOptimizer):
                          init_loss_scale=init_loss_scale, gradient_accumulation_steps=gradient_accumulation_steps,
                          seed=seed, track_grad_norm=track_grad_norm, process_group=process_group)
 
-    def _update(self, p, grad, group, state, grad_scale, index):
+    def _update(self, p, grad, group, state, grad_scale, index, sq_out):
         step = state.get("step", 0) + 1
         apply_update_(p, grad, lr=float(group["lr"]), weight_decay=float(group["weight_decay"]),
                       grad_scale=grad_scale, stochastic_rounding=group["stochastic_rounding"],
-                      seed=self._seed_for(index, step))
+                      seed=self._seed_for(index, step), sq_out=sq_out)
         state["step"] = step
         return None
 
@@ -539,7 +547,7 @@ class AdaLomo(_FusedBackwardOptimizer):
             raise LomoConfigError(f"{where}: decay_rate must be < 0 (beta_t = 1 - t**decay_rate), "
                                   f"got {group['decay_rate']}")
 
-    def _update(self, p, grad, group, state, grad_scale, index):
+    def _update(self, p, grad, group, state, grad_scale, index, sq_out):
         eps1, eps2 = group["eps"]
         step = state.get("step", 0) + 1
         beta = 1.0 - step ** group["decay_rate"]
