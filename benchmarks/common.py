@@ -15,6 +15,14 @@ import torch
 
 RESULTS = Path(__file__).parent / "results"
 
+# The 1.1B Llama shape the training benchmarks share (random init), and a tiny one for CPU smoke runs.
+LLAMA_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
+                tie_word_embeddings=False)
+LLAMA_TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                  tie_word_embeddings=False)
+
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":

@@ -30,14 +30,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import device_name, device_tag, versions, write_result  # noqa: E402
+from benchmarks.common import LLAMA_1B, LLAMA_TINY, device_name, device_tag, versions, write_result  # noqa: E402
 
-LLAMA_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
-                tie_word_embeddings=False)
-LLAMA_TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                  tie_word_embeddings=False)
 LORA = {"r": 16, "alpha": 32}
 TOLERANCE = 0.15
 STEPS = 3  # AdamW creates its states in step 1; steps 2-3 show the steady-state peak
@@ -118,7 +112,7 @@ def spawn(spec: dict, timeout: int) -> dict:
     """Run one measurement in a fresh Python process and return its record."""
     try:
         proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
-                              text=True, timeout=timeout)
+                              text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         return {"status": f"timed out after {timeout} s"}
     for line in reversed(proc.stdout.splitlines()):
@@ -160,7 +154,7 @@ def main() -> None:
                "required": required, "estimate_bytes": est.peak_bytes, "estimate_gib": est.peak_gib,
                "estimate_phase": est.peak_phase, "estimate_parts": est.parts, "estimate_phases": est.phases}
         if on_gpu:
-            spec = dict(method=method, options=options, checkpointing=checkpointing, batch=batch, seq=seq)
+            spec = {"method": method, "options": options, "checkpointing": checkpointing, "batch": batch, "seq": seq}
             result = spawn(spec, args.run_timeout)
             row.update(result)
             if result["status"] == "ok":

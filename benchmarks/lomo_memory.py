@@ -28,14 +28,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import device_name, device_tag, versions, write_result  # noqa: E402
+from benchmarks.common import LLAMA_1B, LLAMA_TINY, device_name, device_tag, versions, write_result  # noqa: E402
 
-LLAMA_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
-                tie_word_embeddings=False)
-LLAMA_TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                  tie_word_embeddings=False)
 
 # (run name, optimizer, loss); the reference for ratios is SGD with the same (chunked) loss.
 RUNS = [

@@ -26,6 +26,7 @@ from .errors import (
                        PeftlabError,
                        TargetError,
 )
+from .export import export
 from .model import PeftModel, load, wrap
 from .quant import NF4Linear, from_pretrained
 from .quant import quantize_model as quantize
@@ -33,5 +34,5 @@ from .quant import quantize_model as quantize
 __all__ = [
     "Adapter", "AdapterConfig", "AdapterStateError", "BitFitConfig", "CheckpointError", "ConfigError",
     "HoulsbyConfig", "LoraConfig", "MergeError", "NF4Linear", "PeftModel", "PeftlabError", "PfeifferConfig",
-    "PrefixTuningConfig", "TargetError", "from_pretrained", "load", "quantize", "registry", "wrap",
+    "PrefixTuningConfig", "TargetError", "export", "from_pretrained", "load", "quantize", "registry", "wrap",
 ]

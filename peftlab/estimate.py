@@ -17,7 +17,7 @@ Parts, in bytes (T = batch x sequence tokens, a = bytes of the compute dtype):
   trained under bf16/fp16 autocast add the low-precision copies autocast keeps for backward.
 * adapters: the adapters' own parameters (fp32 for LoRA and bottlenecks; trained copies at the
   base dtype). gradients: one per trainable parameter, at its dtype; LOMO/AdaLomo keep none, only
-  the largest parameter's gradient and the fused update's fp32 chunks for a moment.
+  the gradient being used at the moment (AdaLomo also squares it into an fp32 chunk).
 * optimizer states: AdamW 2 per trainable parameter at its dtype; paged 8-bit AdamW 2 bytes per
   parameter plus fp32 block scales (paged memory lives outside torch's allocator, so it is listed
   but not part of the peak torch reports); SGD and LOMO none; AdaLomo fp32 row + column second
@@ -29,7 +29,9 @@ Parts, in bytes (T = batch x sequence tokens, a = bytes of the compute dtype):
   log-softmax that backward keeps; at its backward three fp32 copies exist at once (the saved
   log-softmax, its incoming gradient, the gradient it produces): 12 * T * vocab bytes.
 * overhead: cuBLAS workspaces, which torch allocates through its caching allocator: one per thread
-  that runs matmuls (the forward thread and the autograd thread), 32 MiB each on Hopper GPUs.
+  that runs matmuls (the forward thread and the autograd thread), 32 MiB each by torch's default on
+  Hopper GPUs (``CUBLAS_WORKSPACE_CONFIG`` is read when set). Fragmentation is not counted: it shows
+  in ``torch.cuda.max_memory_reserved`` (and nvidia-smi), not in the allocated peak estimated here.
 
 ``peftlab.inspect`` builds the model; the method injects itself on the meta device, so every
 parameter count and dtype is exact. Adapter contributions to the activations are measured by
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,7 +64,7 @@ from .targeting import is_under
 __all__ = ["EstimateError", "MemoryEstimate", "block_activations", "estimate_memory", "estimate_run"]
 
 GIB = 2**30
-CUBLAS_WORKSPACE = 32 * 2**20  # torch's default cuBLAS workspace on sm90 (CUBLAS_WORKSPACE_CONFIG=:4096:8)
+CUBLAS_WORKSPACE = 32 * 2**20  # torch's default cuBLAS workspace on Hopper (sm90), ":4096:8" (4096 KiB x 8)
 MATMUL_THREADS = 2  # forward thread + autograd thread: each gets its own cuBLAS handle and workspace
 LOGIT_COPIES_FP32 = 3  # saved log-softmax, its gradient, the gradient it returns
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -85,6 +88,7 @@ class MemoryEstimate:
     parts: dict[str, int]  # weights, adapters, gradients, optimizer, activations, logits, overhead
     phases: dict[str, int]  # total bytes of each moment of the step
     peak_phase: str
+    totals: dict[str, int]  # each part at its largest (gradients all at once, activations at the end of forward)
     notes: dict[str, str] = field(default_factory=dict)
     outside_allocator: dict[str, int] = field(default_factory=dict)  # e.g. paged optimizer states
 
@@ -103,19 +107,20 @@ class MemoryEstimate:
     def text(self) -> str:
         """A table of the parts at the peak, the moments of the step, and the setup."""
         s = self.setup
-        lines = [f"{s['model']}: {s['method']}, batch {s['batch_size']} x {s['seq_len']} tokens, "
-                 f"{s['optimizer']}, {s['precision']}, gradient checkpointing "
-                 f"{'on' if s['gradient_checkpointing'] else 'off'}", ""]
+        unit, scale = ("GiB", GIB) if self.peak_bytes >= GIB else ("MiB", 2**20)
+        lines = [(f"{s['model']}: {s['method']}, batch {s['batch_size']} x {s['seq_len']} tokens, "
+                  f"{s['optimizer']}, {s['precision']}, gradient checkpointing "
+                  f"{'on' if s['gradient_checkpointing'] else 'off'}"), ""]
         width = max(len(k) for k in self.parts)
-        lines.append(f"  {'part':<{width}}  {'GiB':>8}  how")
+        lines.append(f"  {'part':<{width}}  {unit:>9}  how")
         for key, value in self.parts.items():
-            lines.append(f"  {key:<{width}}  {value / GIB:>8.3f}  {self.notes.get(key, '')}".rstrip())
-        lines.append(f"  {'peak':<{width}}  {self.peak_gib:>8.3f}  at the {self.peak_phase} moment "
+            lines.append(f"  {key:<{width}}  {value / scale:>9.3f}  {self.notes.get(key, '')}".rstrip())
+        lines.append(f"  {'peak':<{width}}  {self.peak_bytes / scale:>9.3f}  at the {self.peak_phase} moment "
                      "(torch.cuda.max_memory_allocated)")
         for key, value in self.outside_allocator.items():
-            lines.append(f"  + {key}: {value / GIB:.3f} GiB outside torch's allocator (not in the peak above)")
+            lines.append(f"  + {key}: {value / scale:.3f} {unit} outside torch's allocator (not in the peak)")
         lines.append("")
-        lines.append("  moments: " + ", ".join(f"{k} {v / GIB:.3f}" for k, v in self.phases.items()) + " GiB")
+        lines.append("  moments: " + ", ".join(f"{k} {v / scale:.3f}" for k, v in self.phases.items()) + f" {unit}")
         return "\n".join(lines)
 
 
@@ -226,21 +231,22 @@ class _HookCost:
 
 
 def _hook_cost(module: nn.Module, in_features: int, out_features: int, dtype: torch.dtype) -> _HookCost:
-    """Run every adapter contribution on ``module`` on meta tensors of 1 and 2 tokens and record what
-    autograd saves (storages other than the inputs and the adapters' own parameters)."""
+    """Run every adapter contribution on ``module`` on inputs of 1 and 2 tokens (meta tensors on a skeleton)
+    and record what autograd saves: storages other than the inputs and the adapters' own parameters."""
     site = module.__dict__.get(_SITE_ATTR)
     cost = _HookCost()
     if site is None:
         return cost
     cost.trains = any(p.requires_grad for _, params in site.swaps for p in params.values())
-    if not (site.updates or site.transforms):
+    params = [p for adapter, _ in site.updates + site.transforms for p in adapter.parameters()]
+    if not params:
         return cost
-    own = {p.untyped_storage()._cdata for adapter, _ in site.updates + site.transforms
-           for p in adapter.parameters()}
+    own = {p.untyped_storage()._cdata for p in params}
+    device = params[0].device  # meta on a skeleton: nothing is computed
 
     def saved_bytes(tokens: int) -> int:
-        x = torch.empty(1, tokens, in_features, device="meta", dtype=dtype, requires_grad=True)
-        out = torch.empty(1, tokens, out_features, device="meta", dtype=dtype, requires_grad=True)
+        x = torch.empty(1, tokens, in_features, device=device, dtype=dtype, requires_grad=True)
+        out = torch.empty(1, tokens, out_features, device=device, dtype=dtype, requires_grad=True)
         found: dict[int, int] = {}
 
         def pack(t: torch.Tensor) -> torch.Tensor:
@@ -472,9 +478,11 @@ def _working_set(model: nn.Module, layout: BlockLayout, tokens: int, dtype: torc
     """Gradients in flight while one block runs backward, beyond what it keeps: the MLP's (the product's
     gradient frees the product; the two factors' gradients follow: 2 [T, I] tensors) or attention's
     (fp32 dq accumulator, dq/dk/dv, dk/dv expanded to every head for grouped-query attention),
-    whichever is larger."""
+    whichever is larger; plus, for NF4 layers, the largest weight dequantized for a moment."""
     a = torch.tensor([], dtype=dtype).element_size()
     get = model.get_submodule
+    names = layout.attention_inputs + layout.attention_outputs + layout.ffn_inputs + [layout.ffn_output]
+    dequantized = max((a * get(n).weight_numel for n in names if n and hasattr(get(n), "weight_numel")), default=0)
     mlp = attention = 0
     if layout.ffn_inputs:
         mlp = 2 * a * tokens * targeting.linear_features(get(layout.ffn_inputs[-1]))[1]
@@ -483,10 +491,105 @@ def _working_set(model: nn.Module, layout: BlockLayout, tokens: int, dtype: torc
         q = widths[0] if len(widths) > 1 else widths[0] // 3
         grouped = len(widths) > 1 and widths[1] < q
         attention = 4 * tokens * q + (2 * a * tokens * q if grouped else 0) + a * tokens * sum(widths)
-    return max(mlp, attention)
+    return max(mlp, attention) + dequantized
 
 
 # ----------------------------------------------------------------------------- the estimate
+@dataclass
+class _Parameters:
+    """Sizes that follow from the parameters alone."""
+
+    weights: int
+    adapters: int
+    gradients: int  # every trainable parameter's gradient at once
+    optimizer: int
+    paged: int  # optimizer states outside torch's allocator
+    grads_top: int  # alive while the top block runs backward
+    grads_bottom: int  # alive while the lowest trained block runs backward
+    notes: dict[str, str]
+
+
+def _parameter_sizes(run, counted: nn.Module, base: nn.Module, layouts: list[BlockLayout], first: int,
+                     weight_dtype: torch.dtype, compute_dtype: torch.dtype) -> _Parameters:
+    base_ids = {id(p) for p in base.parameters()}
+    everything = [p for _, _, p in _unique_parameters(counted)]
+    trainable = [p for p in everything if p.requires_grad]
+    adapter_params = [p for p in everything if id(p) not in base_ids]
+    autocast = _autocast_copies(base, weight_dtype, compute_dtype)
+    optimizer = run.train.optimizer
+    fused = optimizer in ("lomo", "adalomo")
+    gradients = 0 if fused else sum(_nbytes(p) for p in trainable)
+    states, paged = _optimizer_bytes(trainable, optimizer)
+
+    before, in_blocks, after = _gradient_groups(base, layouts)
+    bottom = min(first, len(layouts) - 1)
+    if fused:  # only the gradient being used right now
+        grads_top = _in_flight_gradient(in_blocks[-1], optimizer)
+        grads_bottom = _in_flight_gradient(in_blocks[bottom] + before, optimizer)
+    else:  # the head's and top block's are done; all but the lowest block's and the embeddings' are done
+        grads_top = sum(_nbytes(p) for p in after + in_blocks[-1])
+        grads_bottom = gradients - sum(_nbytes(p) for p in before + in_blocks[bottom])
+    notes = {
+        "weights": f"{_dtype_name(weight_dtype)} base" + (" with NF4 layers" if run.quantize else "")
+        + (f" + {autocast / GIB:.3f} GiB autocast copies" if autocast else ""),
+        "adapters": f"{sum(p.numel() for p in adapter_params):,} adapter parameters",
+        "gradients": "none kept: each is used inside backward, the largest of the moment counted" if fused
+        else f"{sum(p.numel() for p in trainable):,} trainable parameters",
+        "optimizer": optimizer,
+    }
+    return _Parameters(_weight_bytes(base) + autocast, sum(_nbytes(p) for p in adapter_params), gradients, states,
+                       paged, grads_top, grads_bottom, notes)
+
+
+@dataclass
+class _Activations:
+    """Activation sizes of the moments of backward."""
+
+    stored: int  # kept from forward for backward, at the end of forward
+    per_block: list[int]  # what each block keeps (0 below the lowest trained block)
+    top: int  # the top block's backward: recomputed activations + working set
+    bottom: int  # the lowest trained block's backward: what is left + working set
+    note: str
+
+
+def _activation_sizes(base: nn.Module, layouts: list[BlockLayout], first: int, grads_before: bool, batch: int,
+                      seq: int, dtype: torch.dtype, checkpointing: bool, cuda: bool) -> _Activations:
+    config = base.config
+    tokens = batch * seq
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
+    activation = _activation_name(config)
+    per_block = [sum(block_activations(base, lay, tokens, dtype, heads, activation, cuda,
+                                       input_needs_grad=grads_before or i > first).values())
+                 if i >= first else 0 for i, lay in enumerate(layouts)]
+    stacks = sorted({lay.path.rsplit(".", 1)[0] for lay in layouts})
+    outside = sum(_outside_blocks(base, stacks, tokens, batch, dtype, seq, cuda, grads_before).values())
+    if first >= len(layouts):  # only modules after the blocks train
+        return _Activations(outside, per_block, 0, 0, "outside blocks only (no block trains)")
+    a = torch.tensor([], dtype=dtype).element_size()
+    block_input = a * tokens * (getattr(config, "hidden_size", None) or config.n_embd)
+    trained = len(layouts) - first
+    work_top = _working_set(base, layouts[-1], tokens, dtype)
+    work_bottom = _working_set(base, layouts[first], tokens, dtype)
+    if checkpointing:  # each block keeps its input; backward recomputes one block at a time
+        return _Activations(trained * block_input + outside, per_block, per_block[-1] + work_top,
+                            block_input + per_block[first] + work_bottom,
+                            f"{trained} block inputs (checkpointing) + outside blocks; one block recomputed "
+                            "at a time")
+    return _Activations(sum(per_block) + outside, per_block, work_top, per_block[first] + work_bottom,
+                        f"{trained} blocks x {per_block[-1] / 2**20:,.1f} MiB + outside blocks")
+
+
+def _logit_bytes(base: nn.Module, tokens: int, batch: int) -> tuple[int, str]:
+    """Bytes of the loss's logits at its backward, and how they are counted."""
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if head is not None and targeting.is_linear(head):
+        vocab = targeting.linear_features(head)[1]
+        return 4 * LOGIT_COPIES_FP32 * tokens * vocab, (f"3 fp32 copies of {tokens:,} x {vocab:,} logits at the "
+                                                         "loss backward")
+    labels = getattr(base.config, "num_labels", 2)
+    return 4 * LOGIT_COPIES_FP32 * batch * labels, f"{batch} x {labels} classification logits"
+
+
 def estimate_run(run, config=None, task: str | None = None, cuda: bool = True) -> MemoryEstimate:
     """Estimate the peak memory of a training step as a run config describes it (see module docstring).
 
@@ -497,109 +600,61 @@ def estimate_run(run, config=None, task: str | None = None, cuda: bool = True) -
     from .train.setup import weights_dtype
 
     precision = "bf16" if run.train.precision == "auto" else run.train.precision
-    compute_dtype = _DTYPES[precision]
-    weight_dtype = weights_dtype(run, precision)
+    compute_dtype, weight_dtype = _DTYPES[precision], weights_dtype(run, precision)
     source = config if config is not None else load_model_config(run.model)
     counted = prepare_skeleton(build_skeleton(source, task=task, dtype=weight_dtype), run)
     counted.train()
     base, _ = split_wrapped(counted)
-    batch, seq = run.train.batch_size, run.data.max_seq_len
-    tokens = batch * seq
-    optimizer = run.train.optimizer
-    notes: dict[str, str] = {}
-
-    # weights, adapters, gradients, optimizer states
-    base_ids = {id(p) for p in base.parameters()}
-    everything = _unique_parameters(counted)
-    trainable = [p for _, _, p in everything if p.requires_grad]
-    adapters = sum(_nbytes(p) for _, _, p in everything if id(p) not in base_ids)
-    weights = _weight_bytes(base)
-    autocast = _autocast_copies(base, weight_dtype, compute_dtype)
-    notes["weights"] = f"{_dtype_name(weight_dtype)} base" + (" with NF4 layers" if run.quantize else "") + (
-        f" + {autocast / GIB:.3f} GiB autocast copies" if autocast else "")
-    weights += autocast
-    notes["adapters"] = f"{sum(p.numel() for _, _, p in everything if id(p) not in base_ids):,} adapter parameters"
-    fused = optimizer in ("lomo", "adalomo")
-    gradients = 0 if fused else sum(_nbytes(p) for p in trainable)
-    notes["gradients"] = ("none kept: each is used inside backward, the largest of the moment counted"
-                          if fused else f"{sum(p.numel() for p in trainable):,} trainable parameters")
-    states, paged = _optimizer_bytes(trainable, optimizer)
-    notes["optimizer"] = optimizer
-
-    # activations
     layouts = block_layouts(base)
     if not layouts:
         raise EstimateError(f"estimate: {type(base).__name__} has no list of transformer blocks, so its "
                             "activations cannot be derived.")
-    model_config = base.config
-    heads = getattr(model_config, "num_attention_heads", None) or getattr(model_config, "n_head", 1)
-    activation = _activation_name(model_config)
+    batch, seq, checkpointing = run.train.batch_size, run.data.max_seq_len, run.train.gradient_checkpointing
     first, grads_before = _first_trained_block(base, layouts)
-    per_block = [sum(block_activations(base, lay, tokens, compute_dtype, heads, activation, cuda,
-                                       input_needs_grad=grads_before or i > first).values())
-                 if i >= first else 0 for i, lay in enumerate(layouts)]
-    stacks = sorted({lay.path.rsplit(".", 1)[0] for lay in layouts})
-    outside = sum(_outside_blocks(base, stacks, tokens, batch, compute_dtype, seq, cuda, grads_before).values())
-    a = torch.tensor([], dtype=compute_dtype).element_size()
-    hidden = getattr(model_config, "hidden_size", None) or getattr(model_config, "n_embd")
-    checkpointing = run.train.gradient_checkpointing
-    if checkpointing:
-        stored = sum(a * tokens * hidden for i in range(len(layouts)) if i >= first) + outside
-        recomputed_top, recomputed_bottom = per_block[-1], per_block[min(first, len(layouts) - 1)]
-        notes["activations"] = (f"{len(layouts) - first} block inputs (checkpointing) + outside blocks; "
-                                "one block recomputed at a time")
-    else:
-        stored = sum(per_block) + outside
-        recomputed_top = recomputed_bottom = 0
-        notes["activations"] = f"{len(layouts) - first} blocks x {per_block[-1] / 2**20:,.1f} MiB + outside blocks"
-    top, bottom = layouts[-1], layouts[min(first, len(layouts) - 1)]
-    trained_blocks = first < len(layouts)  # else only parts after the blocks (a head) train
-    work_top = _working_set(base, top, tokens, compute_dtype) if trained_blocks else 0
-    work_bottom = _working_set(base, bottom, tokens, compute_dtype) if trained_blocks else 0
+    params = _parameter_sizes(run, counted, base, layouts, first, weight_dtype, compute_dtype)
+    acts = _activation_sizes(base, layouts, first, grads_before, batch, seq, compute_dtype, checkpointing, cuda)
+    logits, logits_note = _logit_bytes(base, batch * seq, batch)
+    overhead = MATMUL_THREADS * _cublas_workspace() if cuda else 0
 
-    # gradients alive at the top and bottom blocks' backward (fused optimizers: only the one in flight)
-    before, in_blocks, after = _gradient_groups(base, layouts)
-    if fused:
-        grads_top = _in_flight_gradient(in_blocks[-1], optimizer)
-        grads_bottom = _in_flight_gradient(in_blocks[bottom.index] + before, optimizer)
-    else:
-        grads_top = sum(_nbytes(p) for p in after + in_blocks[-1])
-        grads_bottom = gradients - sum(_nbytes(p) for p in before + in_blocks[bottom.index])
-
-    # logits and the loss
-    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    if head is not None and targeting.is_linear(head):
-        vocab = targeting.linear_features(head)[1]
-        logits = 4 * LOGIT_COPIES_FP32 * tokens * vocab
-        notes["logits"] = f"3 fp32 copies of {tokens:,} x {vocab:,} logits at the loss backward"
-    else:
-        labels = getattr(model_config, "num_labels", 2)
-        logits = 4 * LOGIT_COPIES_FP32 * batch * labels
-        notes["logits"] = f"{batch} x {labels} classification logits"
-    overhead = MATMUL_THREADS * CUBLAS_WORKSPACE if cuda else 0
-    notes["overhead"] = (f"{MATMUL_THREADS} cuBLAS workspaces of {CUBLAS_WORKSPACE // 2**20} MiB"
-                         if cuda else "none on CPU")
-
-    fixed = weights + adapters + states + overhead
-    bottom_stored = (a * tokens * hidden if checkpointing else per_block[bottom.index]) if trained_blocks else 0
-    phase_parts = {
-        "loss": dict(gradients=0, activations=stored, logits=logits),
-        "backward": dict(gradients=grads_top, activations=stored + recomputed_top + work_top, logits=0),
-        "end": dict(gradients=grads_bottom, activations=bottom_stored + recomputed_bottom + work_bottom, logits=0),
-        "step": dict(gradients=gradients, activations=0, logits=0),
+    moments = {  # (gradients, activations, logits) alive at each moment of a step
+        "loss": (0, acts.stored, logits),
+        "backward": (params.grads_top, acts.stored + acts.top, 0),
+        "end": (params.grads_bottom, acts.bottom, 0),
+        "step": (params.gradients, 0, 0),
     }
-    phases = {name: fixed + sum(p.values()) for name, p in phase_parts.items()}
+    fixed = params.weights + params.adapters + params.optimizer + overhead
+    phases = {name: fixed + sum(parts) for name, parts in moments.items()}
     peak = max(phases, key=phases.get)
-    parts = {"weights": weights, "adapters": adapters, "gradients": phase_parts[peak]["gradients"],
-             "optimizer": states, "activations": phase_parts[peak]["activations"],
-             "logits": phase_parts[peak]["logits"], "overhead": overhead}
+    grads, activations, logit_part = moments[peak]
+    parts = {"weights": params.weights, "adapters": params.adapters, "gradients": grads,
+             "optimizer": params.optimizer, "activations": activations, "logits": logit_part, "overhead": overhead}
+    if peak == "loss" and params.gradients:
+        params.notes["gradients"] += (f"; none at this moment (zero_grad(set_to_none=True) freed the last step's), "
+                                      f"{params.gradients / 2**20:,.1f} MiB at the step")
+    notes = {**params.notes, "activations": acts.note, "logits": logits_note,
+             "overhead": f"{MATMUL_THREADS} cuBLAS workspaces of {overhead / MATMUL_THREADS / 2**20:g} MiB" if cuda
+             else "none on CPU"}
+    totals = {"weights": params.weights, "adapters": params.adapters, "gradients": params.gradients,
+              "optimizer": params.optimizer, "stored_activations": acts.stored, "logits": logits}
     setup = {"model": run.model if config is None else getattr(source, "model_type", "model"),
              "method": run.method, "method_options": dict(run.method_options), "quantize": run.quantize,
-             "batch_size": batch, "seq_len": seq, "optimizer": optimizer, "precision": precision,
+             "batch_size": batch, "seq_len": seq, "optimizer": run.train.optimizer, "precision": precision,
              "gradient_checkpointing": checkpointing, "weights_dtype": _dtype_name(weight_dtype),
-             "activations_per_block": per_block[-1], "stored_activations": stored, "blocks": len(layouts),
-             "first_trained_block": first}
-    return MemoryEstimate(setup, parts, phases, peak, notes, {"paged optimizer states": paged} if paged else {})
+             "activations_per_block": acts.per_block[-1], "blocks": len(layouts), "first_trained_block": first}
+    outside = {"paged optimizer states": params.paged} if params.paged else {}
+    return MemoryEstimate(setup, parts, phases, peak, totals, notes, outside)
+
+
+def _cublas_workspace() -> int:
+    """Bytes of one cuBLAS workspace: ``CUBLAS_WORKSPACE_CONFIG`` (``:SIZE_KIB:COUNT`` pairs) when set."""
+    setting = os.environ.get("CUBLAS_WORKSPACE_CONFIG", "")
+    try:
+        numbers = [int(n) for n in setting.strip(":").split(":")] if setting else []
+    except ValueError:
+        numbers = []
+    if numbers and len(numbers) % 2 == 0:
+        return sum(size * count for size, count in zip(numbers[::2], numbers[1::2])) * 1024
+    return CUBLAS_WORKSPACE
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -22,9 +22,10 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -75,8 +76,8 @@ class ExportReport:
         merged = ", ".join(self.adapters)
         base = " into the dequantized NF4 base" if self.base_was_nf4 else ""
         fmt = f"NF4 4-bit (bitsandbytes), compute dtype {self.dtype}" if self.quantize else self.dtype
-        lines = [f"merged {merged}{base} -> {self.out_dir} ({self.model_class}, {fmt}, "
-                 f"{len(self.files)} files, {self.size_bytes / 2**20:,.1f} MiB)"]
+        lines = [(f"merged {merged}{base} -> {self.out_dir} ({self.model_class}, {fmt}, "
+                  f"{len(self.files)} files, {self.size_bytes / 2**20:,.1f} MiB)")]
         if self.config_changes:
             lines.append("config changed so the merged biases load: " +
                          ", ".join(f"{k}={v}" for k, v in self.config_changes.items()) +
@@ -154,9 +155,11 @@ def _run_says_nf4(adapter: _Adapter) -> bool:
         data = yaml.safe_load(run_config.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError):
         return False
+    if not isinstance(data, dict):
+        return False
     method = data.get("method")
     name = method.get("name") if isinstance(method, dict) else method
-    return isinstance(data, dict) and (data.get("quantize") == "nf4" or name == "qlora")
+    return data.get("quantize") == "nf4" or name == "qlora"
 
 
 def _base_is_nf4(config, adapters: list[_Adapter], base_quantize: str) -> bool:
@@ -183,17 +186,14 @@ def _head_labels(adapters: list[_Adapter]) -> int | None:
 
 
 def _model_class(config, adapters: list[_Adapter]):
-    """The adapter's task (if it names one), else the base config's own architecture, else a causal LM."""
+    """The Auto class of the task an adapter records, else the base config's own architecture, else a
+    classifier when an adapter carries a trained classification head, else a causal LM."""
     import transformers
 
     for adapter in adapters:
         name = _TASK_CLASSES.get(str(adapter.saved.get("task_type") or ""))
         if name:
-            auto = getattr(transformers, name)
-            own = next((getattr(transformers, a, None) for a in getattr(config, "architectures", None) or []), None)
-            if own is not None and own in getattr(auto, "_model_mapping", {}).values():
-                return own
-            return auto
+            return getattr(transformers, name)
     for arch in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, arch, None)
         if isinstance(cls, type) and issubclass(cls, nn.Module):
@@ -378,6 +378,17 @@ def _move_into_place(tmp: Path, out: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- the API
+@dataclass
+class _Prepared:
+    """The unmerged adapter model to export, and what the report needs to know about it."""
+
+    wrapped: Any  # PeftModel with the adapters to merge active
+    names: list[str]
+    base_was_nf4: bool
+    dtype: torch.dtype
+    tokenizer: Any
+
+
 def export(
     model_or_adapters: Any,
     out_dir: str | os.PathLike,
@@ -405,71 +416,86 @@ def export(
         probe: text for the check's probe batch (default: random tokens).
         base_quantize: ``"nf4"`` when the adapters were trained on an NF4 base (QLoRA): they are then
             merged into the dequantized NF4 weights; ``"auto"`` detects a pre-quantized base or a
-            ``peftlab finetune`` run folder that quantized it.
+            ``peftlab finetune`` run folder that quantized it; ``"none"`` merges into the base as stored.
         max_shard_size: largest safetensors shard (transformers' notation, e.g. ``"2GB"``).
         device: where to merge and check (default: CUDA when available).
         max_error: refuse the export when the check's max relative logits error is larger (default:
             the dtype's rounding allowance for dense exports, no limit for NF4).
-    """
-    from .model import PeftModel
 
+    Memory: the merged model and the reloaded copy exist at once; a PeftModel argument is copied first.
+    """
     out = Path(out_dir)
-    export_dtype = _dtype(dtype)
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise ExportError(f"quantize {quantize!r} is not supported; use one of {', '.join(QUANTIZATIONS)} or none.")
     _check_out_dir(out, overwrite)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    prepared = _prepare(model_or_adapters, base, _dtype(dtype), base_quantize, device)
+    batch = _probe(prepared.wrapped.base_model, probe, prepared.tokenizer, device)
+    reference = _logits(prepared.wrapped, batch)
+    merged, changes, zeros = _merge(prepared, quantize)
+    prepared.wrapped = None  # the merged model is what remains of it
+    limit = max_error if max_error is not None else (None if quantize else DENSE_TOLERANCE[prepared.dtype])
+    files, size, max_rel, mean_rel = _write_checked(merged, out, prepared, batch, reference, device, max_shard_size,
+                                                    limit)
+    report = ExportReport(str(out), prepared.names, type(merged).__name__, _dtype_name(prepared.dtype), quantize,
+                          prepared.base_was_nf4, files, size, max_rel, mean_rel, list(batch["input_ids"].shape),
+                          changes, zeros)
+    logger.info(report.text())
+    return report
 
-    tokenizer_folders: list[Path] = []
+
+def _prepare(model_or_adapters: Any, base, dtype: torch.dtype | None, base_quantize: str,
+             device: torch.device) -> _Prepared:
+    from .model import PeftModel
+
     if isinstance(model_or_adapters, PeftModel):
-        wrapped, names, base_was_nf4 = _copy_of(model_or_adapters, export_dtype)
-        export_dtype = export_dtype or _model_dtype(wrapped.base_model)
-        wrapped.to(device)
-    else:
-        paths = [model_or_adapters] if isinstance(model_or_adapters, (str, os.PathLike)) else list(model_or_adapters)
-        adapters = _read_adapters(paths)
-        wrapped, names, base_was_nf4, location, export_dtype = _wrap_folders(adapters, base, export_dtype,
-                                                                            base_quantize, device)
-        tokenizer_folders = [a.folder for a in adapters] + [Path(location)]
-    tokenizer = _load_tokenizer(tokenizer_folders)
+        wrapped, names, nf4 = _copy_of(model_or_adapters, dtype)
+        return _Prepared(wrapped.to(device), names, nf4, dtype or _model_dtype(wrapped.base_model), None)
+    paths = [model_or_adapters] if isinstance(model_or_adapters, (str, os.PathLike)) else list(model_or_adapters)
+    adapters = _read_adapters(paths)
+    wrapped, nf4, location, dtype = _wrap_folders(adapters, base, dtype, base_quantize, device)
+    tokenizer = _load_tokenizer([a.folder for a in adapters] + [Path(location)])
+    return _Prepared(wrapped, [str(a.folder) for a in adapters], nf4, dtype, tokenizer)
 
-    batch = _probe(wrapped.base_model, probe, tokenizer, device)
-    reference = _logits(wrapped, batch)
+
+def _merge(prepared: _Prepared, quantize: str | None) -> tuple[nn.Module, dict[str, Any], list[str]]:
+    """The plain merged model in the export dtype (NF4 if asked), its config describing every weight."""
     try:
-        merged = wrapped.merge_and_unload()
+        merged = prepared.wrapped.merge_and_unload()
     except MergeError as err:
         raise ExportError(str(err)) from None
     changes, zeros = _fit_config_to_biases(merged)
-    merged.to(export_dtype)
+    merged.to(prepared.dtype)
     if quantize == "nf4":
-        _quantize_nf4(merged, export_dtype)
+        _quantize_nf4(merged, prepared.dtype)
+    tokenizer = prepared.tokenizer
     if tokenizer is not None and merged.config.pad_token_id is None and tokenizer.pad_token_id is not None \
             and type(merged).__name__.endswith("ForSequenceClassification"):
         merged.config.pad_token_id = tokenizer.pad_token_id  # the head finds each sequence's last token with it
+    return merged, changes, zeros
 
+
+def _write_checked(merged: nn.Module, out: Path, prepared: _Prepared, batch: dict, reference: torch.Tensor,
+                   device: torch.device, max_shard_size: str | int, limit: float | None):
+    """Write into a temporary folder beside ``out``, reload it with transformers, compare the logits, and
+    rename it into place only if the error is within ``limit`` -> (files, bytes, max and mean error)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         merged.save_pretrained(tmp, max_shard_size=max_shard_size)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        cls = type(merged)
-        del merged, wrapped
-        reloaded = _reload(tmp, cls, export_dtype, device)
+        if prepared.tokenizer is not None:
+            prepared.tokenizer.save_pretrained(tmp)
+        reloaded = _reload(tmp, type(merged), prepared.dtype, device)
         max_rel, mean_rel = _relative_errors(_logits(reloaded, batch), reference)
         del reloaded
-        limit = max_error if max_error is not None else (None if quantize else DENSE_TOLERANCE[export_dtype])
-        if not max_rel <= (limit if limit is not None else float("inf")):
+        if limit is not None and not max_rel <= limit:
             raise ExportError(f"the exported model's logits differ from the unmerged adapter model's by {max_rel:.3g} "
                               f"(max relative), more than the allowed {limit:.3g}; nothing was written.")
         files, size = _folder_size(tmp)
         _move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    report = ExportReport(str(out), names, cls.__name__, _dtype_name(export_dtype), quantize, base_was_nf4, files,
-                          size, max_rel, mean_rel, list(batch["input_ids"].shape), changes, zeros)
-    logger.info(report.text())
-    return report
+    return files, size, max_rel, mean_rel
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
@@ -480,6 +506,14 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
         if isinstance(module, NF4Linear):
             return module.compute_dtype
     return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
+def _config_dtype(config) -> torch.dtype:
+    """The dtype a checkpoint's config records (fp32 when it records none of bf16/fp16/fp32)."""
+    saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(saved, str):
+        saved = getattr(torch, saved.removeprefix("torch."), None)
+    return saved if saved in DTYPES.values() else torch.float32
 
 
 def _copy_of(model, dtype: torch.dtype | None):
@@ -505,34 +539,27 @@ def _copy_of(model, dtype: torch.dtype | None):
 
 def _wrap_folders(adapters: list[_Adapter], base, dtype: torch.dtype | None, base_quantize: str,
                   device: torch.device):
-    """Load the base (NF4 when the adapters were trained on one) and the adapters, all active."""
+    """Load the base (NF4 when the adapters were trained on one) and the adapters, all active
+    -> (PeftModel, whether the base is NF4, the base's location, the export dtype)."""
     from transformers import AutoConfig
 
-    from .inspect import model_location_of
+    from .train.setup import model_location
     from .model import PeftModel
 
     reference = base if base is not None else adapters[0].saved.get("base_model_name_or_path")
     if not reference:
         raise ExportError(f"no base model: pass --base (base=...); {adapters[0].folder} does not record one.")
-    location = model_location_of(str(reference))
+    location = model_location(str(reference))
     try:
         config = AutoConfig.from_pretrained(location)
     except (OSError, ValueError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ExportError(f"base: cannot read a model config from {str(reference)!r} ({first}).") from None
     nf4 = _base_is_nf4(config, adapters, base_quantize)
-    if dtype is None:
-        saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-        dtype = saved if isinstance(saved, torch.dtype) else DTYPES.get(
-            {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(str(saved), "fp32"), torch.float32)
+    dtype = dtype or _config_dtype(config)
     wrapped = PeftModel(_load_base(location, config, adapters, dtype, nf4, device))
-    names = []
-    for i, adapter in enumerate(adapters):
-        name = f"adapter{i}"
-        try:
-            wrapped.load_adapter(adapter.folder, name=name, activate=True)
-        except PeftlabError as err:
-            raise ExportError(f"{adapter.folder}: {err}") from None
-        names.append(str(adapter.folder))
-    wrapped.set_adapter([f"adapter{i}" for i in range(len(adapters))])
-    return wrapped, names, nf4, location, dtype
+    names = [f"adapter{i}" for i in range(len(adapters))]
+    for name, adapter in zip(names, adapters):
+        wrapped.load_adapter(adapter.folder, name=name)
+    wrapped.set_adapter(names)
+    return wrapped, nf4, location, dtype

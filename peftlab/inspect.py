@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from .errors import PeftlabError
 from .summary import ParameterSummary, summarize
 
 __all__ = ["InspectError", "InspectReport", "LinearGroup", "TreeNode", "build_skeleton", "inspect_model",
-           "inspect_run", "load_model_config", "method_run_config", "model_location_of", "prepare_skeleton",
+           "inspect_run", "load_model_config", "method_run_config", "prepare_skeleton",
            "split_wrapped"]
 
 # ``data.train`` is required by run configs; inspecting and estimating read no data.
@@ -35,30 +36,20 @@ class InspectError(PeftlabError, ValueError):
 
 
 # ----------------------------------------------------------------------------- building
-def model_location_of(ref: str) -> str:
-    """A model folder or hub id; ``pkg:<package>/<path>`` resolves to a folder inside an installed package."""
-    from .train.setup import model_location
-
-    return model_location(_RefOnly(ref))
-
-
 def load_model_config(ref: str):
     """The transformers config of a model folder, hub id or ``pkg:<package>/<path>`` reference."""
     from transformers import AutoConfig
 
-    location = model_location_of(ref)
+    from .train.setup import model_location
+
+    location = model_location(ref)
+    if ref.startswith((".", "/", "~")) and not Path(location).expanduser().exists():
+        raise InspectError(f"model: {ref} does not exist; expected a model folder with config.json or a hub id.")
     try:
         return AutoConfig.from_pretrained(location)
     except (OSError, ValueError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise InspectError(f"model: cannot read a config.json from {ref!r} ({first}).") from None
-
-
-@dataclass
-class _RefOnly:
-    """What ``train.setup.model_location`` reads from a run config."""
-
-    model: str
 
 
 def model_class(config, task: str | None = None):
@@ -100,11 +91,11 @@ def prepare_skeleton(model: nn.Module, run) -> nn.Module:
     from .model import wrap
 
     if run.quantize:
-        from .quant.loading import _install_shells, select_targets
+        from .quant.loading import install_shells, select_targets
 
         targets, _ = select_targets(model)
         dtype = next(model.parameters()).dtype
-        _install_shells(model, targets, blocksize=64, double_quant=True, compute_dtype=dtype, dtype=dtype)
+        install_shells(model, targets, blocksize=64, double_quant=True, compute_dtype=dtype, dtype=dtype)
     if run.adapter_method is not None:
         return wrap(model, run.adapter_config())
     model.requires_grad_(True)
@@ -225,13 +216,14 @@ def module_tree(model: nn.Module) -> TreeNode:
 
 
 def _render_tree(node: TreeNode, depth: int, max_depth: int | None, lines: list[str]) -> None:
+    """``node`` at ``depth`` (the root is 0) and its children down to ``max_depth`` levels below the root."""
     label = f"{node.name}: {node.type}" if node.name else node.type
     if node.detail:
         label += f"({node.detail})"
     if node.repeat > 1:
         label += f" ×{node.repeat}"
     count = f"{node.parameters:,}" + (" each" if node.repeat > 1 else "")
-    lines.append(f"{'  ' * depth}{label}  [{count}]")
+    lines.append(f"{'  ' * (depth + 1)}{label}  [{count}]")
     if max_depth is None or depth < max_depth:
         for child in node.children:
             _render_tree(child, depth + 1, max_depth, lines)
@@ -298,9 +290,9 @@ class InspectReport:
     def text(self, depth: int | None = None) -> str:
         """The tree (to ``depth`` levels), the linear layers and, with a method, its counts."""
         facts = ", ".join(f"{k} {v}" for k, v in self.config.items())
-        lines = [f"{self.model_class} ({self.model_type}: {facts})", "", "module tree (runs of identical blocks "
-                 "shown once):"]
-        _render_tree(self.tree, 1, depth, lines)
+        lines = [f"{self.model_class} ({self.model_type}: {facts})", "",
+                 "module tree (runs of identical blocks shown once):"]
+        _render_tree(self.tree, 0, depth, lines)
         lines += ["", "linear modules (target them by suffix):"]
         rows = [("suffix", "kind", "count", "in -> out", "parameters")]
         for g in self.linears:

@@ -87,6 +87,21 @@ def train_steps(model, batch, steps: int = 8, lr: float = 1e-2) -> list[float]:
     return losses
 
 
+def one_line_error(args: list[str]) -> str:
+    """Run the CLI in-process; assert exit code 2 and a single ``error:`` line without a traceback."""
+    from typer.testing import CliRunner
+
+    from peftlab.cli.app import app, main_commands
+
+    main_commands()
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    return lines[0]
+
+
 @pytest.fixture
 def token_batch():
     """A fixed batch of token ids and attention mask (batch 2, length 12)."""

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from peftlab import registry
 from peftlab.cli import finetune as _register_finetune  # noqa: F401
 from peftlab.cli.app import app
-from tests.conftest import make_bert_classifier, make_llama
+from tests.conftest import make_bert_classifier, make_llama, one_line_error
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).resolve().parents[1]
@@ -153,13 +153,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(workspace, tmp_pat
     assert list((out / "checkpoints").iterdir())
 
 
-def bad(args: list[str]) -> str:
-    result = invoke(args)
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    return lines[0]
+bad = one_line_error
 
 
 def test_bad_inputs_give_one_line_and_exit_code_2(workspace, tmp_path):
@@ -190,6 +184,7 @@ def test_bad_inputs_give_one_line_and_exit_code_2(workspace, tmp_path):
     assert "did you mean 'train.lr'" in bad(base + data + ["train.lrr=1"])
     assert "did you mean 'method.alpha'" in bad(base + data + ["method.alhpa=3"])
     assert "gradient accumulation" in bad(base + data + ["--method", "lomo", "--grad_accum", "2"])
+    assert "trains with its own fused optimizer" in bad(base + data + ["--method", "lomo", "--optimizer", "adamw"])
     assert "paged_adamw_8bit needs a CUDA GPU" in bad(base + data + ["--train.optimizer", "paged_adamw_8bit",
                                                                      "--max_steps", "1"])
     config = tmp_path / "bad.yaml"

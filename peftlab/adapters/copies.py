@@ -27,6 +27,7 @@ class TrainableCopies(nn.Module):
 
     def add(self, model: nn.Module, path: str, adapter: Adapter) -> None:
         original = model.get_submodule(path)
+        _refuse_tied(model, path, original)
         clone = sites.clone_without_sites(original)
         clone.requires_grad_(True)
         self.copies[module_key(path)] = clone
@@ -72,6 +73,17 @@ class TrainableCopies(nn.Module):
                     clone.copy_(value)
                 return
         raise KeyError(name)
+
+
+def _refuse_tied(model: nn.Module, path: str, original: nn.Module) -> None:
+    """A trained copy cannot stay tied to a weight outside it (e.g. GPT-2's embedding and lm_head):
+    unmerged, only this module would use the copy; merged, every module sharing the weight would."""
+    own = {id(p) for p in original.parameters()}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in own and not is_under(name.rsplit(".", 1)[0], [path]):
+            raise TargetError(f"modules_to_save entry '{path}' shares its weight with '{name}' (tied weights); a "
+                              "trained copy cannot keep the tie: untie them first (e.g. tie_word_embeddings=False "
+                              "and a cloned output weight) or adapt the module with a method that keeps it frozen.")
 
 
 def resolve_copies(model: nn.Module, entries: list[str] | None, strict: bool) -> list[str]:

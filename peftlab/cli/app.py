@@ -44,13 +44,14 @@ def reported_errors(debug: bool) -> Iterator[None]:
         raise typer.Exit(code) from None
 
 
+def main_commands() -> None:
+    """Import the command modules, which register themselves on ``app``."""
+    from . import estimate, finetune, inspect, merge  # noqa: F401
+
+
 def main() -> None:
     """Console-script entry point."""
-    from . import finetune  # noqa: F401  (registers the command)
-    from . import merge  # noqa: F401
-    from . import inspect  # noqa: F401
-    from . import estimate  # noqa: F401
-
+    main_commands()
     app(prog_name="peftlab", args=sys.argv[1:])
 
 

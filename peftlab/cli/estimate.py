@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from typing import Optional
 
 import typer
 
@@ -28,14 +27,14 @@ instead of MODEL. Examples:
 def estimate(
     ctx: typer.Context,
     model: str = typer.Argument(..., help="Model folder, hub id, pkg: reference, or a finetune YAML config."),
-    batch: Optional[int] = typer.Option(None, "--batch", help="Sequences per micro-batch (train.batch_size)."),
-    seq: Optional[int] = typer.Option(None, "--seq", help="Tokens per sequence (data.max_seq_len)."),
-    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adamw, paged_adamw_8bit, sgd, lomo or "
+    batch: int | None = typer.Option(None, "--batch", help="Sequences per micro-batch (train.batch_size)."),
+    seq: int | None = typer.Option(None, "--seq", help="Tokens per sequence (data.max_seq_len)."),
+    optimizer: str | None = typer.Option(None, "--optimizer", help="adamw, paged_adamw_8bit, sgd, lomo or "
                                             "adalomo (train.optimizer)."),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing",
                                                 help="Non-reentrant activation checkpointing."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="bf16, fp16 or fp32 [default: bf16]."),
-    task: Optional[str] = typer.Option(None, "--task", help="causal_lm or classification [default: the "
+    precision: str | None = typer.Option(None, "--precision", help="bf16, fp16 or fp32 [default: bf16]."),
+    task: str | None = typer.Option(None, "--task", help="causal_lm or classification [default: the "
                                        "config's architecture]."),
     as_json: bool = typer.Option(False, "--json", help="Print the estimate as JSON."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from typing import Optional
 
 import typer
 
@@ -44,9 +43,9 @@ def run_arguments(model: str, extra: list[str]) -> tuple[object, bool]:
 def inspect(
     ctx: typer.Context,
     model: str = typer.Argument(..., help="Model folder, hub id, pkg: reference, or a finetune YAML config."),
-    task: Optional[str] = typer.Option(None, "--task", help="causal_lm or classification [default: the "
+    task: str | None = typer.Option(None, "--task", help="causal_lm or classification [default: the "
                                        "config's architecture]."),
-    depth: Optional[int] = typer.Option(None, "--depth", help="Show the module tree this many levels deep."),
+    depth: int | None = typer.Option(None, "--depth", help="Show the module tree this many levels deep."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
 ) -> None:

