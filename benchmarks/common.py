@@ -74,3 +74,23 @@ def write_result(name: str, data: dict) -> Path:
         handle.write("\n")
     os.replace(tmp, path)
     return path
+
+
+def build_bf16_llama(config: dict, device: torch.device, checkpointing: bool = True):
+    """Random-init bf16 Llama built directly on ``device`` (no fp32 copy ever exists), in train mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from peftlab.model import enable_gradient_checkpointing
+
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with device:
+            model = LlamaForCausalLM(LlamaConfig(**config))
+    finally:
+        torch.set_default_dtype(previous)
+    model.train()
+    if checkpointing:
+        enable_gradient_checkpointing(model)
+    return model

@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import LLAMA_1B, LLAMA_TINY, device_name, device_tag, versions, write_result  # noqa: E402
+from benchmarks.common import LLAMA_1B, LLAMA_TINY, build_bf16_llama, device_name, device_tag, versions, write_result  # noqa: E402
 
 LORA = {"r": 16, "alpha": 32}
 TOLERANCE = 0.15
@@ -47,26 +47,6 @@ RUNS = [
 
 
 # ---------------------------------------------------------------------- one run (in a subprocess)
-def build_model(config: dict, device: torch.device, checkpointing: bool):
-    """Random-init bf16 Llama built directly on ``device`` (no fp32 copy ever exists)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with device:
-            model = LlamaForCausalLM(LlamaConfig(**config))
-    finally:
-        torch.set_default_dtype(previous)
-    if checkpointing:  # transformers >= 5.18 renamed it
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model
-
-
 def make_step(method: str, options: dict, model):
     """``(model to call, step(loss))`` for a method, set up as ``peftlab finetune`` does."""
     import peftlab
@@ -93,7 +73,7 @@ def make_step(method: str, options: dict, model):
 def measure(method: str, options: dict, checkpointing: bool, batch: int, seq: int) -> dict:
     """Peak memory of ``STEPS`` training steps on the GPU."""
     device = torch.device("cuda")
-    model = build_model(LLAMA_1B, device, checkpointing)
+    model = build_bf16_llama(LLAMA_1B, device, checkpointing)
     model, step = make_step(method, options, model)
     model.train()
     gen = torch.Generator(device="cpu").manual_seed(1)

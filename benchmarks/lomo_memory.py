@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import LLAMA_1B, LLAMA_TINY, device_name, device_tag, versions, write_result  # noqa: E402
+from benchmarks.common import LLAMA_1B, LLAMA_TINY, build_bf16_llama, device_name, device_tag, versions, write_result  # noqa: E402
 
 
 # (run name, optimizer, loss); the reference for ratios is SGD with the same (chunked) loss.
@@ -53,26 +53,6 @@ TARGETS = {"lomo_peak_gib_max": 3.2, "lomo_speed_vs_sgd_min": 0.9, "adalomo_vs_l
 
 
 # ---------------------------------------------------------------------- one run (in a subprocess)
-
-
-def build_model(config: dict, device: torch.device):
-    """Random-init bf16 Llama built directly on ``device`` (no fp32 copy ever exists)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with device:
-            model = LlamaForCausalLM(LlamaConfig(**config))
-    finally:
-        torch.set_default_dtype(previous)
-    model.train()
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model
 
 
 def make_step(kind: str, model):
@@ -116,7 +96,7 @@ def run_one(kind: str, loss_kind: str, tiny: bool, warmup: int, steps: int, chun
         torch.set_num_threads(1)  # tiny CPU runs: thread pools only add noise
     batch, seq = (2, 32) if tiny else (4, 1024)
     config = LLAMA_TINY if tiny else LLAMA_1B
-    model = build_model(config, device)
+    model = build_bf16_llama(config, device)
     step = make_step(kind, model)
     gen = torch.Generator(device="cpu").manual_seed(1)
     data = [torch.randint(0, config["vocab_size"], (batch, seq), generator=gen).to(device)

@@ -242,19 +242,23 @@ class PeftModel(nn.Module):
         return summarize(self.base_model, dict(self.adapters))
 
     def enable_gradient_checkpointing(self, use_reentrant: bool = False) -> None:
-        """Turn on the base model's activation checkpointing (non-reentrant by default).
+        """Turn on the base model's activation checkpointing (non-reentrant by default)."""
+        enable_gradient_checkpointing(self.base_model, use_reentrant)
 
-        Non-reentrant checkpointing gives adapter gradients with a frozen base; the reentrant kind
-        needs inputs that require grad, which we then arrange for.
-        """
-        base = self.base_model
-        kwargs = {"use_reentrant": use_reentrant}
-        if hasattr(base, "activation_checkpointing_enable"):
-            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        if use_reentrant:
-            base.enable_input_require_grads()
+
+def enable_gradient_checkpointing(model: nn.Module, use_reentrant: bool = False) -> None:
+    """Turn on a transformers model's activation checkpointing, whatever its transformers version calls it.
+
+    Non-reentrant checkpointing gives adapter gradients with a frozen base; the reentrant kind needs
+    inputs that require grad, which we then arrange for.
+    """
+    kwargs = {"use_reentrant": use_reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.18
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if use_reentrant:
+        model.enable_input_require_grads()
 
 
 def _probe_batch(model: nn.Module, probe: torch.Tensor | dict | None) -> dict:

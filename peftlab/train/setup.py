@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .. import wrap
+from ..model import PeftModel, enable_gradient_checkpointing
 from ..errors import PeftlabError
 from .config import ADALOMO, LOMO, RunConfig
 
@@ -104,12 +105,7 @@ def prepare_model(config: RunConfig, model: nn.Module) -> nn.Module:
     else:
         model.requires_grad_(True)
     if config.train.gradient_checkpointing:
-        base = getattr(model, "base_model", model)
-        kwargs = {"use_reentrant": False}
-        if hasattr(base, "activation_checkpointing_enable"):
-            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        enable_gradient_checkpointing(model.base_model if isinstance(model, PeftModel) else model)
     return model
 
 
