@@ -221,3 +221,15 @@ def test_accelerate_launch_with_two_cpu_processes(workspace, tmp_path):
     assert summary["eval_after"]["eval_loss"] < summary["eval_before"]["eval_loss"]
     tensors = load_file(out / "adapter" / "adapter_model.safetensors")
     assert tensors and all(torch.isfinite(t).all() for t in tensors.values())
+
+
+def test_early_stopping_ends_the_run_when_eval_stops_improving(workspace, tmp_path):
+    # SGD at lr 1e-30 leaves every weight bit-identical, so the eval loss can never improve
+    out = tmp_path / "run"
+    result = invoke(causal_args(workspace, out, "--train.optimizer", "sgd", "--lr", "1e-30", "--max_steps", "20",
+                                "--output.eval_every", "1", "--output.early_stopping_patience", "2"))
+    assert result.exit_code == 0, result.output
+    assert "early stopping at step 3" in result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3
+    assert (out / "checkpoints" / "step-000003").is_dir()
