@@ -44,9 +44,12 @@ RUNS = [
     ("peftlab LOMO", "peftlab_lomo", "chunked"),
     ("peftlab AdaLomo", "peftlab_adalomo", "chunked"),
     ("peftlab LOMO + clip 1.0 (two backward passes)", "peftlab_lomo_clip", "chunked"),
+    ("peftlab LOMO, one launch per parameter (bucket_mb=0)", "peftlab_lomo_per_param", "chunked"),
+    ("peftlab AdaLomo, one parameter at a time (bucket_mb=0)", "peftlab_adalomo_per_param", "chunked"),
 ]
 LR = {"adamw": 1e-5, "sgd": 1e-3, "bnb_paged_adamw8bit": 1e-5, "lomo_optim_lomo": 1e-3,
-      "lomo_optim_adalomo": 1e-3, "peftlab_lomo": 1e-3, "peftlab_adalomo": 1e-3, "peftlab_lomo_clip": 1e-3}
+      "lomo_optim_adalomo": 1e-3, "peftlab_lomo": 1e-3, "peftlab_adalomo": 1e-3, "peftlab_lomo_clip": 1e-3,
+      "peftlab_lomo_per_param": 1e-3, "peftlab_adalomo_per_param": 1e-3}
 CUDA_ONLY = {"bnb_paged_adamw8bit": "bitsandbytes", "lomo_optim_lomo": "lomo_optim",
              "lomo_optim_adalomo": "lomo_optim"}
 TARGETS = {"lomo_peak_gib_max": 3.2, "lomo_speed_vs_sgd_min": 0.9, "adalomo_vs_lomo_min": 0.9}
@@ -80,10 +83,11 @@ def make_step(kind: str, model):
         return lambda loss: opt.fused_backward(loss, lr)
     from peftlab.optim import AdaLomo, Lomo
 
-    if kind == "peftlab_adalomo":
-        opt = AdaLomo(model, lr=lr)
+    if kind.startswith("peftlab_adalomo"):
+        opt = AdaLomo(model, lr=lr, bucket_mb=0 if kind.endswith("per_param") else 32)
     else:
-        opt = Lomo(model, lr=lr, clip_grad_norm=1.0 if kind == "peftlab_lomo_clip" else None)
+        opt = Lomo(model, lr=lr, clip_grad_norm=1.0 if kind == "peftlab_lomo_clip" else None,
+                   bucket_mb=0 if kind == "peftlab_lomo_per_param" else 64)
     return opt.backward
 
 

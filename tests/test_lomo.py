@@ -443,12 +443,97 @@ def check_triton_update_matches_torch_path(device: str) -> None:
         assert abs(sink.item() - expected) <= 1e-5 * expected, (dtype, sink.item(), expected)
 
 
-def test_triton_update_kernel_matches_torch_path_in_interpreter():
+@pytest.mark.parametrize("check", ["check_triton_update_matches_torch_path", "check_batched_update_matches_one_by_one",
+                                   "check_batched_adalomo_matches_one_by_one"])
+def test_update_kernels_in_the_triton_interpreter(check):
     pytest.importorskip("triton")
-    script = "from tests.test_lomo import check_triton_update_matches_torch_path as c; c('cpu'); print('ok')"
+    script = f"from tests.test_lomo import {check} as c; c('cpu'); print('ok')"
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=REPO)
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
+def check_batched_update_matches_one_by_one(device: str, dtypes=(torch.float16,)) -> None:
+    """One batched launch over several tensors gives the same bits as one launch per tensor."""
+    from peftlab.optim import fused_update as fu
+
+    g = torch.Generator().manual_seed(1)
+    for dtype in dtypes:
+        shapes = [(5000,), (3, 7), (64, 65), (1,)]
+        params = [torch.randn(s, generator=g).to(dtype).to(device) for s in shapes]
+        grads = [torch.randn(s, generator=g).to(dtype).to(device) for s in shapes]
+        seeds = [11, 2 ** 31 + 5, 0, 7]
+        one_by_one = [p.clone() for p in params]
+        single_sq = torch.zeros((), device=device)
+        for p, grad, seed in zip(one_by_one, grads, seeds):
+            fu._apply_triton(p, grad, 0.05, 0.1, 0.5, None, None, None, None, True, seed & 0x7FFFFFFF, single_sq)
+        batched_sq = torch.zeros((), device=device)
+        fu.apply_updates_(params, grads, seeds, lr=0.05, weight_decay=0.1, grad_scale=0.5, sq_out=batched_sq)
+        for p, q in zip(params, one_by_one):
+            assert torch.equal(p, q), dtype
+        expected = sum(grad.double().square().sum().item() for grad in grads)
+        assert abs(batched_sq.item() - expected) <= 1e-5 * expected
+
+
+def check_batched_adalomo_matches_one_by_one(device: str, dtypes=(torch.float16,), rounding: bool = False) -> None:
+    """Batched AdaLomo kernels against the one-by-one path: moments to fp32 rounding, weights to one ulp."""
+    from peftlab.optim.batched_adalomo import adalomo_updates_
+
+    g = torch.Generator().manual_seed(2)
+    for dtype in dtypes:
+        shapes = [(37, 300), (3, 4, 5), (700,), (1,)]  # ragged blocks, a 3-D weight, vectors
+        params = [torch.randn(s, generator=g).to(dtype).to(device) for s in shapes]
+        reference = [p.clone() for p in params]
+        opt = AdaLomo(reference, lr=0.05, weight_decay=0.1, stochastic_rounding=rounding, bucket_mb=0)
+        group = opt.param_groups[0]
+        states = [{} for _ in params]
+        for step in (1, 2):
+            grads = [torch.randn(s, generator=g).to(dtype).to(device) for s in shapes]
+            ref_sq, sq = torch.zeros((), device=device), torch.zeros((), device=device)
+            for i, (p, grad) in enumerate(zip(reference, grads)):
+                ref_sq += opt._update(p, grad, group, opt.state[p], 0.5, i, None)
+            seeds = [opt._seed_for(i, step) for i in range(len(params))]
+            adalomo_updates_(params, grads, states, seeds, [1.0 - step ** group["decay_rate"]] * len(params),
+                             lr=0.05, weight_decay=0.1, eps=group["eps"], clip_threshold=group["clip_threshold"],
+                             grad_scale=0.5, stochastic_rounding=rounding, sq_out=sq)
+            assert torch.allclose(sq, ref_sq, rtol=1e-5)
+            for p, ref, state in zip(params, reference, states):
+                for key, value in opt.state[ref].items():
+                    if torch.is_tensor(value):
+                        assert torch.allclose(state[key], value, rtol=1e-5, atol=0), (key, p.shape)
+                ulp = (ref.float().abs() * (2 ** -7 if dtype == torch.bfloat16 else 2 ** -10)).clamp_min(1e-6)
+                assert ((p.float() - ref.float()).abs() <= ulp * 1.01).all(), (dtype, p.shape)
+                assert (p == ref).float().mean() > 0.97, (dtype, p.shape)
+
+
+@pytest.mark.gpu
+def test_cuda_batched_adalomo_matches_one_by_one():
+    check_batched_adalomo_matches_one_by_one("cuda", (torch.bfloat16, torch.float16), rounding=True)
+
+
+@pytest.mark.gpu
+def test_cuda_batched_update_matches_one_by_one():
+    check_batched_update_matches_one_by_one("cuda", (torch.bfloat16, torch.float16))
+
+
+@pytest.mark.gpu
+def test_cuda_lomo_buckets_give_the_same_weights_as_per_parameter_updates():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64), nn.LayerNorm(64)).to("cuda", torch.bfloat16)
+    x = torch.randn(32, 64, device="cuda", dtype=torch.bfloat16)
+    results = []
+    for bucket_mb in (0.0, 0.05, 64.0):  # per parameter, several small buckets, one bucket
+        model = copy.deepcopy(base)
+        opt = Lomo(model, lr=0.1, weight_decay=0.01, bucket_mb=bucket_mb)
+        norms = []
+        for _ in range(3):
+            opt.backward(model(x).float().square().mean())
+            norms.append(opt.last_grad_norm)
+        results.append(([p.detach().clone() for p in model.parameters()], norms))
+    for weights, norms in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0][0], weights))
+        assert norms == pytest.approx(results[0][1], rel=1e-5)
+    assert not all(torch.equal(a, b) for a, b in zip(results[0][0], base.parameters()))
 
 
 @pytest.mark.gpu
@@ -563,6 +648,8 @@ def test_bad_hyperparameters_are_named(kwargs, match):
 
 
 def test_other_refusals_name_the_problem(tmp_path):
+    with pytest.raises(LomoConfigError, match="Lomo: bucket_mb must be >= 0, got -1"):
+        Lomo(make_llama(), bucket_mb=-1)
     frozen = make_llama().requires_grad_(False)
     with pytest.raises(LomoConfigError, match="no trainable parameters"):
         Lomo(frozen)

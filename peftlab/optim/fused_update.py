@@ -27,7 +27,7 @@ import warnings
 
 import torch
 
-__all__ = ["apply_update_", "stochastic_round", "as_matrix", "CHUNK_ELEMENTS"]
+__all__ = ["apply_update_", "apply_updates_", "batchable", "stochastic_round", "as_matrix", "CHUNK_ELEMENTS"]
 
 # Largest slice of a parameter processed at once on the torch path (fp32 temporaries of 64 MiB).
 CHUNK_ELEMENTS = 1 << 24
@@ -112,6 +112,57 @@ def apply_update_(
         sq_out.add_(torch.linalg.vector_norm(grad, dtype=torch.float32).square())
     _apply_torch(param, grad, lr, weight_decay, grad_scale, lr_mult, grad_mult, row, col,
                  stochastic_rounding, seed)
+
+
+def batchable(param: torch.Tensor, grad: torch.Tensor) -> bool:
+    """Whether :func:`apply_updates_` can take this pair (16-bit CUDA tensors of one dtype, Triton present)."""
+    return (param.is_cuda and param.dtype in _LOW_PRECISION and grad.dtype == param.dtype
+            and param.is_contiguous() and grad.is_contiguous() and _triton_kernels() is not None)
+
+
+_MULTI_BLOCK = 2048
+
+
+def apply_updates_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    seeds: list[int],
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    grad_scale: float = 1.0,
+    stochastic_rounding: bool = True,
+    sq_out: torch.Tensor | None = None,
+) -> None:
+    """:func:`apply_update_` (plain LOMO form) for many :func:`batchable` tensors of one dtype and device
+    in a single kernel launch; bit-identical to updating them one by one with the same seeds.
+
+    One launch instead of one per parameter matters because the update runs inside backward, where
+    every launch's host time delays the backward kernels behind it.
+    """
+    kernels = _triton_kernels()
+    dtype = params[0].dtype
+    rounding = kernels.ROUND_NEAREST
+    if stochastic_rounding:
+        rounding = kernels.ROUND_STOCHASTIC_BF16 if dtype == torch.bfloat16 else kernels.ROUND_STOCHASTIC_FP16
+    rows, first = [], 0
+    for p, g, seed in zip(params, grads, seeds):
+        rows += [p.data_ptr(), g.data_ptr(), p.numel(), int(seed) & 0x7FFFFFFF, first]
+        first += -(-p.numel() // _MULTI_BLOCK)
+    try:
+        pinned = params[0].is_cuda  # a pinned table is copied without holding up the host
+        table = torch.tensor(rows, dtype=torch.int64, pin_memory=pinned).to(params[0].device, non_blocking=True)
+        kernels.multi_flat_update_kernel[(first,)](
+            table, sq_out if sq_out is not None else table, len(params), float(lr), float(weight_decay),
+            float(grad_scale), DTYPE=kernels.TL_DTYPES[dtype], HAS_SQ=sq_out is not None, ROUNDING=rounding,
+            BLOCK=_MULTI_BLOCK)
+    except Exception as exc:  # a broken Triton install must not stop training
+        warnings.warn(f"Triton update kernel failed ({exc}); falling back to torch ops.", stacklevel=2)
+        _triton_kernels.cache_clear()
+        _disable_triton()
+        for p, g, seed in zip(params, grads, seeds):
+            apply_update_(p, g, lr=lr, weight_decay=weight_decay, grad_scale=grad_scale,
+                          stochastic_rounding=stochastic_rounding, seed=seed, sq_out=sq_out)
 
 
 # ----------------------------------------------------------------------------- torch path
