@@ -127,14 +127,16 @@ def activations(m: int, k: int, count: int) -> list[torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------- measurements
-FORWARD_KINDS = ("gemv", "fused_small", "fused", "chunked")
+FORWARD_KINDS = ("gemv1", "gemv", "fused_small", "fused", "chunked")
 BACKWARD_KINDS = ("grad_fused", "grad_chunked")
-_RANGE = {"gemv": (1, 4), "fused_small": (1, 64), "fused": (16, 256), "chunked": (16, 4096),
+_RANGE = {"gemv1": (1, 1), "gemv": (1, 4), "fused_small": (1, 64), "fused": (16, 256), "chunked": (16, 4096),
           "grad_fused": (1, 64), "grad_chunked": (1, 4096)}
 
 
 def _kernel_fn(kind: str, cfg):
     """``fn(activation, NF4Weight)`` running one candidate kernel config."""
+    if kind == "gemv1":
+        return lambda x, w: gemv.gemv_row(x, w, None, cfg)
     if kind == "gemv":
         return lambda x, w: gemv.gemv(x, w, None, tuning.blocks_per_step(cfg, w.blocksize))
     if kind in ("fused", "fused_small"):

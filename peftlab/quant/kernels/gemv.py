@@ -1,7 +1,13 @@
 """GEMV for a handful of activation rows: ``y = x @ W.T + b`` on CUDA cores, streaming packed NF4.
 
-Nothing is dequantized to memory. A program computes BN outputs of one activation row: it
-walks BN weight rows, decodes NB blocks per step in registers, multiplies by x, and applies
+Nothing is dequantized to memory. One activation row (decoding) has its own persistent kernel,
+``gemv_row``: each program loads the activation row once, keeps it in registers, and walks weight
+rows ``pid, pid + programs, ...``, so a weight row costs one 16-byte load per thread, its
+codebook lookups and one reduction; with about eight programs per SM enough rows are in flight
+to keep HBM busy (when the row fits in registers: ``tuning`` picks it per shape).
+
+Several activation rows go through ``gemv``: a program computes BN outputs of one activation row:
+it walks BN weight rows, decodes NB blocks per step in registers, multiplies by x, and applies
 each block's absmax once per block (after the in-block sum), not per element. Weight and
 activation tiles are loaded in one layout (4 packed bytes and 8 activations per thread), so
 they meet without shuffles, and each activation load serves BN weight rows.
@@ -60,4 +66,65 @@ def gemv(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, config: 
         m, weight.n, weight.k_blocks, x.stride(0), out.stride(0),
         BS=weight.blocksize, BN=bn, NB=config["NB"], VEC=config.get("VEC", 4), HAS_BIAS=bias is not None,
         NESTED=weight.nested, num_warps=config["num_warps"])
+    return out
+
+
+@triton.jit
+def _row_dot(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, row, cols, x, k_blocks,
+             BS: tl.constexpr, VEC: tl.constexpr, NESTED: tl.constexpr):
+    """Σ over the blocks ``cols`` [KP] of weight row ``row``: dequantized weight · ``x`` [1, KP, BS]."""
+    mask = (cols < k_blocks)[None, :]
+    block = row * k_blocks + cols[None, :]
+    codes = nf4_codes(packed_ptr, code_ptr, block, mask, BS, VEC)
+    scale = block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, block, mask, NESTED)
+    return tl.sum(tl.sum(tl.sum(codes * x, axis=2) * scale, axis=1), axis=0)
+
+
+@triton.jit
+def _load_x(x_ptr, cols, k_blocks, BS: tl.constexpr):
+    mask = (cols < k_blocks)[None, :, None]
+    offs = (cols[:, None] * BS + tl.arange(0, BS)[None, :])[None, :, :]
+    return tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit(do_not_specialize=["N", "k_blocks"])
+def _row_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, bias_ptr,
+                out_ptr, N, k_blocks, BS: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, VEC: tl.constexpr,
+                HAS_BIAS: tl.constexpr, NESTED: tl.constexpr):
+    # The row's blocks as two power-of-two tiles (KA + KB >= k_blocks) so a K such as 11008 (172
+    # blocks) wastes 20 masked blocks rather than the 84 of one 256-block tile.
+    cols_a = tl.arange(0, KA)
+    x_a = _load_x(x_ptr, cols_a, k_blocks, BS)
+    if KB > 0:
+        cols_b = KA + tl.arange(0, KB)
+        x_b = _load_x(x_ptr, cols_b, k_blocks, BS)
+    for row in range(tl.program_id(0), N, tl.num_programs(0)):
+        y = _row_dot(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, row, cols_a, x_a,
+                     k_blocks, BS, VEC, NESTED)
+        if KB > 0:
+            y += _row_dot(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, row, cols_b,
+                          x_b, k_blocks, BS, VEC, NESTED)
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + row).to(tl.float32)
+        tl.store(out_ptr + row, y.to(out_ptr.dtype.element_ty))
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def gemv_row(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, config: dict) -> torch.Tensor:
+    """``x [1, k] @ W.T (+ bias) -> [1, n]``; needs ``weight.row_aligned``.
+
+    ``config``: ``PROGRAMS_PER_SM``, ``VEC`` packed bytes per load, ``num_warps`` (see ``tuning``).
+    """
+    out = torch.empty(1, weight.n, dtype=x.dtype, device=x.device)
+    blocks = weight.k_blocks
+    ka = 1 << (blocks.bit_length() - 1)
+    kb = triton.next_power_of_2(blocks - ka) if blocks > ka else 0
+    programs = min(weight.n, _sm_count(x.device) * config["PROGRAMS_PER_SM"])
+    _row_kernel[(programs,)](
+        x, weight.packed, weight.code, *weight.scale_args(), bias if bias is not None else x, out,
+        weight.n, blocks, BS=weight.blocksize, KA=ka, KB=kb, VEC=config.get("VEC", 16),
+        HAS_BIAS=bias is not None, NESTED=weight.nested, num_warps=config["num_warps"])
     return out

@@ -8,7 +8,7 @@ import torch
 
 from peftlab.quant.kernels import chunked, gemm
 from peftlab.quant.kernels.dequant import dequantize
-from peftlab.quant.kernels.gemv import gemv
+from peftlab.quant.kernels.gemv import gemv, gemv_row
 from peftlab.quant.kernels.tuning import forward_plan, grad_input_plan
 from peftlab.quant.kernels.weights import NF4KernelError, NF4Weight
 
@@ -48,6 +48,8 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, state: Any, bias: torch.Te
     with _on(x.device):
         if x2.shape[0] == 0:
             out = x2.new_empty(0, weight.n)
+        elif kind == "gemv1" and weight.row_aligned:
+            out = gemv_row(x2, weight, bias, config)
         elif kind == "gemv" and weight.row_aligned:
             out = gemv(x2, weight, bias, config)
         elif kind == "fused" and weight.row_aligned:

@@ -5,9 +5,9 @@ rows ``M`` that ``python benchmarks/kernels.py --sweep`` measured on an H100 (bf
 64, double quantization; see the ``best_forward``/``best_backward`` entries of
 ``benchmarks/results/kernels-h100.json``), the fastest kernel and config. Other shapes use the
 nearest measured shape (in log N, log K) and other M the nearest measured M (in log M, ties
-going to the larger M). Kinds: ``gemv`` (CUDA-core GEMV), ``fused`` (dequantize tiles into
-``tl.dot``), ``chunked`` (dequantize into a scratch buffer + cuBLAS; the value is the chunk size
-in elements, ``None`` for the whole weight at once). The comments give the measured time.
+going to the larger M). Kinds: ``gemv1`` (persistent one-row GEMV), ``gemv`` (CUDA-core GEMV),
+``fused`` (dequantize tiles into ``tl.dot``), ``chunked`` (dequantize into a scratch buffer +
+cuBLAS; the value is the chunk size in elements, ``None`` for the whole weight at once). The comments give the measured time.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ DEQUANT_CONFIG = {"elems_per_program": 2048, "num_warps": 4, "flat_block": 1024}
 
 FORWARD = {
     (4096, 4096): {
-        1: ('gemv', {'BN': 1, 'BK': 4096, 'VEC': 4, 'num_warps': 4}),  # 11.3 us
+        1: ('gemv1', {'PROGRAMS_PER_SM': 8, 'VEC': 16, 'num_warps': 4}),  # 8.5 us
         4: ('fused', {'BM': 16, 'BN': 64, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': True, 'num_warps': 4, 'num_stages': 3}),  # 14.8 us
         16: ('fused', {'BM': 16, 'BN': 64, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': True, 'num_warps': 4, 'num_stages': 3}),  # 14.9 us
         64: ('fused', {'BM': 64, 'BN': 128, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 20.6 us
@@ -28,7 +28,7 @@ FORWARD = {
         4096: ('chunked', None),  # 201.2 us
     },
     (4096, 11008): {
-        1: ('gemv', {'BN': 1, 'BK': 4096, 'VEC': 4, 'num_warps': 4}),  # 26.4 us
+        1: ('gemv', {'BN': 1, 'BK': 4096, 'VEC': 4, 'num_warps': 4}),  # 26.6 us
         4: ('fused', {'BM': 16, 'BN': 64, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': True, 'num_warps': 4, 'num_stages': 3}),  # 31.9 us
         16: ('fused', {'BM': 16, 'BN': 64, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': True, 'num_warps': 4, 'num_stages': 3}),  # 31.6 us
         64: ('fused', {'BM': 64, 'BN': 128, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 44.6 us
@@ -37,7 +37,7 @@ FORWARD = {
         4096: ('chunked', None),  # 554.6 us
     },
     (11008, 4096): {
-        1: ('gemv', {'BN': 1, 'BK': 2048, 'VEC': 4, 'num_warps': 2}),  # 23.6 us
+        1: ('gemv1', {'PROGRAMS_PER_SM': 8, 'VEC': 16, 'num_warps': 4}),  # 16.8 us
         4: ('fused', {'BM': 16, 'BN': 128, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': True, 'num_warps': 4, 'num_stages': 3}),  # 32.7 us
         16: ('fused', {'BM': 16, 'BN': 128, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': True, 'num_warps': 4, 'num_stages': 3}),  # 32.8 us
         64: ('fused', {'BM': 64, 'BN': 64, 'BK': 128, 'SPLIT_K': 2, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 45.7 us
@@ -46,7 +46,7 @@ FORWARD = {
         4096: ('chunked', 33554432),  # 511.6 us
     },
     (14336, 4096): {
-        1: ('gemv', {'BN': 1, 'BK': 2048, 'VEC': 4, 'num_warps': 2}),  # 30.3 us
+        1: ('gemv1', {'PROGRAMS_PER_SM': 8, 'VEC': 16, 'num_warps': 4}),  # 21.0 us
         4: ('fused', {'BM': 16, 'BN': 64, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': True, 'num_warps': 4, 'num_stages': 3}),  # 38.5 us
         16: ('fused', {'BM': 16, 'BN': 64, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': True, 'num_warps': 4, 'num_stages': 3}),  # 39.3 us
         64: ('fused', {'BM': 64, 'BN': 128, 'BK': 128, 'SPLIT_K': 2, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 46.0 us
@@ -122,7 +122,9 @@ def forward_plan(m: int, n: int, k: int, blocksize: int, dtype: torch.dtype) -> 
     if dtype == torch.float32:  # tl.dot would round fp32 to tf32; CUDA cores or cuBLAS keep fp32
         return ("gemv", blocks_per_step(_FP32_GEMV, blocksize)) if m <= 16 else ("chunked", None)
     kind, config = _lookup(FORWARD, m, n, k)
-    return (kind, config) if kind == "chunked" else (kind, blocks_per_step(config, blocksize))
+    if kind == "gemv1" and m != 1:  # measured for one row only
+        kind, config = "gemv", _FP32_GEMV
+    return (kind, config) if kind in ("chunked", "gemv1") else (kind, blocks_per_step(config, blocksize))
 
 
 def grad_input_plan(m: int, n: int, k: int, blocksize: int, dtype: torch.dtype) -> tuple[str, object]:
@@ -147,6 +149,10 @@ def _grad(bm, br, bk, warps, stages, split=1):
     return {"BM": bm, "BR": br, "BK": bk, "SPLIT_K": split, "num_warps": warps, "num_stages": stages}
 
 
+def _row(programs_per_sm, warps):
+    return {"PROGRAMS_PER_SM": programs_per_sm, "VEC": 16, "num_warps": warps}
+
+
 def _gemv(bn, bk, warps):
     return {"BN": bn, "BK": bk, "VEC": 4, "num_warps": warps}
 
@@ -155,6 +161,7 @@ def sweep_candidates() -> dict:
     """Configs ``benchmarks/kernels.py --sweep`` times; the tables above keep the winners."""
     return {
         "dequant": [{"elems_per_program": e, "num_warps": w} for e, w in ((2048, 4), (4096, 4), (8192, 8))],
+        "gemv1": [_row(p, w) for w in (4, 8) for p in (4, 8, 12, 16)] + [_row(4, 16), _row(8, 16)],
         "gemv": [_gemv(1, 2048, 2), _gemv(1, 4096, 4), _gemv(2, 2048, 4), _gemv(4, 2048, 4), _gemv(4, 1024, 4),
                  _gemv(4, 1024, 2), _gemv(8, 1024, 4), _gemv(8, 512, 2)],
         "fused_small": [_fused(16, 64, 256, 4, 3, 2, w_is_a=True), _fused(16, 64, 256, 4, 3, 4, w_is_a=True),
