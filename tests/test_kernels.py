@@ -92,16 +92,16 @@ else:
         for config in ({"BN": 1, "BK": 128, "VEC": 4, "num_warps": 4}, {"BN": 4, "BK": 512, "VEC": 16, "num_warps": 2}):
             assert _rel(gemv.gemv(x, weight, b, blocks_per_step(config, 64)), expect) < 2e-3
 
-    @pytest.mark.parametrize("nested,bias,k", [(True, True, 320), (False, False, 768), (True, False, 256)])
-    def test_one_row_gemv_matches_reference(nested, bias, k):
-        # 5, 12 and 4 blocks per row: two tiles (4 + 1, 8 + 4) and one
+    @pytest.mark.parametrize("nested,bias,k,chunk", [(True, True, 320, 2), (False, False, 768, 8), (True, False, 256, 8)])
+    def test_one_row_gemv_matches_reference(nested, bias, k, chunk):
+        # 5 blocks in chunks of 2 (split in three, the last short), 12 in 8 + 4, 4 in one chunk
         packed, state, ref = _weight(24, k, nested=nested)
         weight = NF4Weight.from_state(packed, state)
         x, b = _inputs(1, 24, k)
         b = b if bias else None
         expect = x.float() @ ref.t() + (b.float() if bias else 0)
-        out = gemv.gemv_row(x, weight, b, {"PROGRAMS_PER_SM": 2, "VEC": 16, "num_warps": 4})
-        assert out.shape == (1, 24) and _rel(out, expect) < 2e-3
+        out = gemv.gemv_row(x, weight, b, {"PROGRAMS_PER_SM": 2, "CHUNK_BLOCKS": chunk, "VEC": 16, "num_warps": 4})
+        assert out.shape == (1, 24) and out.dtype == x.dtype and _rel(out, expect) < 2e-3
 
     @pytest.mark.parametrize("w_is_a,split_k", [(True, 2), (False, 1)])
     def test_tiled_matmul_matches_reference(w_is_a, split_k):

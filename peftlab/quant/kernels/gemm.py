@@ -104,7 +104,8 @@ def _split_k_sum_kernel(ws_ptr, bias_ptr, out_ptr, numel, N,
     tl.store(out_ptr + off, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _finish_split(ws: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, split_k: int) -> torch.Tensor:
+def finish_split_k(ws: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, split_k: int) -> torch.Tensor:
+    """``out = Σ ws[s] (+ bias)``: adds the fp32 partial results of a split-K launch, once per element."""
     numel, block = out.numel(), 1024
     _split_k_sum_kernel[(triton.cdiv(numel, block),)](
         ws, bias if bias is not None else out, out, numel, out.shape[1],
@@ -135,7 +136,7 @@ def matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, config
         BS=weight.blocksize, BM=config["BM"], BN=config["BN"], NB=config["NB"], SPLIT_K=split_k,
         W_IS_A=config["W_IS_A"], HAS_BIAS=bias is not None, NESTED=weight.nested,
         num_warps=config["num_warps"], num_stages=config["num_stages"])
-    return out if split_k == 1 else _finish_split(target, bias, out, split_k)
+    return out if split_k == 1 else finish_split_k(target, bias, out, split_k)
 
 
 def matmul_grad_input(grad: torch.Tensor, weight: NF4Weight, config: dict) -> torch.Tensor:
@@ -154,4 +155,4 @@ def matmul_grad_input(grad: torch.Tensor, weight: NF4Weight, config: dict) -> to
         m, n, k, weight.k_blocks, grad.stride(0), out.stride(0), per_split,
         BS=weight.blocksize, BM=config["BM"], BR=config["BR"], NB=config["NB"], SPLIT_K=split_k,
         NESTED=weight.nested, num_warps=config["num_warps"], num_stages=config["num_stages"])
-    return out if split_k == 1 else _finish_split(target, None, out, split_k)
+    return out if split_k == 1 else finish_split_k(target, None, out, split_k)

@@ -4,7 +4,8 @@ Nothing is dequantized to memory. One activation row (decoding) has its own pers
 ``gemv_row``: each program loads the activation row once, keeps it in registers, and walks weight
 rows ``pid, pid + programs, ...``, so a weight row costs one 16-byte load per thread, its
 codebook lookups and one reduction; with about eight programs per SM enough rows are in flight
-to keep HBM busy (when the row fits in registers: ``tuning`` picks it per shape).
+to keep HBM busy. A row longer than the chunk one program holds is split along K into fp32
+partial sums that a second small kernel adds.
 
 Several activation rows go through ``gemv``: a program computes BN outputs of one activation row:
 it walks BN weight rows, decodes NB blocks per step in registers, multiplies by x, and applies
@@ -19,6 +20,7 @@ import triton
 import triton.language as tl
 
 from peftlab.quant.kernels.decode import block_scales, nf4_codes
+from peftlab.quant.kernels.gemm import finish_split_k
 from peftlab.quant.kernels.weights import NF4Weight
 
 
@@ -89,24 +91,20 @@ def _load_x(x_ptr, cols, k_blocks, BS: tl.constexpr):
 
 @triton.jit(do_not_specialize=["N", "k_blocks"])
 def _row_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, bias_ptr,
-                out_ptr, N, k_blocks, BS: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, VEC: tl.constexpr,
+                out_ptr, N, k_blocks, BS: tl.constexpr, CHUNK: tl.constexpr, VEC: tl.constexpr,
                 HAS_BIAS: tl.constexpr, NESTED: tl.constexpr):
-    # The row's blocks as two power-of-two tiles (KA + KB >= k_blocks) so a K such as 11008 (172
-    # blocks) wastes 20 masked blocks rather than the 84 of one 256-block tile.
-    cols_a = tl.arange(0, KA)
-    x_a = _load_x(x_ptr, cols_a, k_blocks, BS)
-    if KB > 0:
-        cols_b = KA + tl.arange(0, KB)
-        x_b = _load_x(x_ptr, cols_b, k_blocks, BS)
+    # Grid axis 1 splits K into chunks of CHUNK blocks, so a long row still fits in registers;
+    # each chunk writes its own fp32 partial row of ``out`` (summed afterwards) unless there is one.
+    chunk = tl.program_id(1)
+    cols = chunk * CHUNK + tl.arange(0, CHUNK)
+    x = _load_x(x_ptr, cols, k_blocks, BS)
+    target = out_ptr + chunk.to(tl.int64) * N
     for row in range(tl.program_id(0), N, tl.num_programs(0)):
-        y = _row_dot(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, row, cols_a, x_a,
+        y = _row_dot(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, row, cols, x,
                      k_blocks, BS, VEC, NESTED)
-        if KB > 0:
-            y += _row_dot(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, row, cols_b,
-                          x_b, k_blocks, BS, VEC, NESTED)
         if HAS_BIAS:
             y += tl.load(bias_ptr + row).to(tl.float32)
-        tl.store(out_ptr + row, y.to(out_ptr.dtype.element_ty))
+        tl.store(target + row, y.to(target.dtype.element_ty))
 
 
 def _sm_count(device: torch.device) -> int:
@@ -116,15 +114,17 @@ def _sm_count(device: torch.device) -> int:
 def gemv_row(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, config: dict) -> torch.Tensor:
     """``x [1, k] @ W.T (+ bias) -> [1, n]``; needs ``weight.row_aligned``.
 
-    ``config``: ``PROGRAMS_PER_SM``, ``VEC`` packed bytes per load, ``num_warps`` (see ``tuning``).
+    ``config``: ``PROGRAMS_PER_SM``, ``CHUNK_BLOCKS`` (quantization blocks of K one program keeps
+    in registers; longer rows are split and their partial sums added), ``VEC`` packed bytes per
+    load, ``num_warps`` (see ``tuning``).
     """
     out = torch.empty(1, weight.n, dtype=x.dtype, device=x.device)
-    blocks = weight.k_blocks
-    ka = 1 << (blocks.bit_length() - 1)
-    kb = triton.next_power_of_2(blocks - ka) if blocks > ka else 0
-    programs = min(weight.n, _sm_count(x.device) * config["PROGRAMS_PER_SM"])
-    _row_kernel[(programs,)](
-        x, weight.packed, weight.code, *weight.scale_args(), bias if bias is not None else x, out,
-        weight.n, blocks, BS=weight.blocksize, KA=ka, KB=kb, VEC=config.get("VEC", 16),
-        HAS_BIAS=bias is not None, NESTED=weight.nested, num_warps=config["num_warps"])
-    return out
+    chunk = min(config.get("CHUNK_BLOCKS", 64), triton.next_power_of_2(weight.k_blocks))
+    split = triton.cdiv(weight.k_blocks, chunk)
+    target = out if split == 1 else torch.empty(split, 1, weight.n, dtype=torch.float32, device=x.device)
+    programs = min(weight.n, max(1, _sm_count(x.device) * config["PROGRAMS_PER_SM"] // split))
+    _row_kernel[(programs, split)](
+        x, weight.packed, weight.code, *weight.scale_args(), bias if bias is not None else x, target,
+        weight.n, weight.k_blocks, BS=weight.blocksize, CHUNK=chunk, VEC=config.get("VEC", 16),
+        HAS_BIAS=bias is not None and split == 1, NESTED=weight.nested, num_warps=config["num_warps"])
+    return out if split == 1 else finish_split_k(target, bias, out, split)
