@@ -9,6 +9,10 @@ full-logits loss for comparison.
 
     python benchmarks/lomo_memory.py            # GPU: table + benchmarks/results/lomo-<gpu>.json
     python benchmarks/lomo_memory.py --tiny     # CPU, tiny config: results/lomo-cpu-tiny.json
+    python benchmarks/lomo_memory.py --interleave sgd,peftlab_lomo,peftlab_adalomo
+                                                # speed only: the models live in one process and take
+                                                # steps in turn, so drift of the machine hits all alike
+                                                # -> results/lomo-interleaved-<gpu>.json
 
 Peers that need CUDA (bitsandbytes paged AdamW, lomo-optim) are skipped with a reason on CPU;
 lomo-optim or bitsandbytes missing is recorded as "not installed".
@@ -84,7 +88,7 @@ def make_step(kind: str, model):
     from peftlab.optim import AdaLomo, Lomo
 
     if kind.startswith("peftlab_adalomo"):
-        opt = AdaLomo(model, lr=lr, bucket_mb=0 if kind.endswith("per_param") else 32)
+        opt = AdaLomo(model, lr=lr, bucket_mb=0 if kind.endswith("per_param") else 64)
     else:
         opt = Lomo(model, lr=lr, clip_grad_norm=1.0 if kind == "peftlab_lomo_clip" else None,
                    bucket_mb=0 if kind == "peftlab_lomo_per_param" else 64)
@@ -134,6 +138,39 @@ def run_one(kind: str, loss_kind: str, tiny: bool, warmup: int, steps: int, chun
     else:
         result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
+
+
+def interleaved(kinds: list[str], rounds: int, warmup: int, chunk: int) -> list[dict]:
+    """Median step time of each optimizer kind, the kinds taking one step each in turn (chunked loss)."""
+    from peftlab.train.loss import causal_lm_loss
+
+    device = torch.device("cuda")
+    runs = []
+    for kind in kinds:
+        model = build_bf16_llama(LLAMA_1B, device)
+        runs.append((kind, model, make_step(kind, model), []))
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    for i in range(warmup + rounds):
+        ids = torch.randint(0, LLAMA_1B["vocab_size"], (4, 1024), generator=gen).to(device)
+        for kind, model, step, times in runs:
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            step(causal_lm_loss(model, ids, chunk_size=chunk))
+            torch.cuda.synchronize()
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    results = []
+    for kind, _, _, times in runs:
+        step_s = sorted(times)[len(times) // 2]
+        results.append({"optimizer": kind, "step_ms": 1e3 * step_s, "tokens_per_s": 4096 / step_s,
+                        "step_ms_all": [1e3 * t for t in times]})
+    sgd = next((r for r in results if r["optimizer"] == "sgd"), None)
+    for r in results:
+        if sgd is not None:
+            r["speed_vs_sgd"] = r["tokens_per_s"] / sgd["tokens_per_s"]
+        print(f"{r['optimizer']:28} {r['step_ms']:8.1f} ms/step {r['tokens_per_s']:9.0f} tok/s"
+              f"  x{r.get('speed_vs_sgd', float('nan')):.2f} SGD", flush=True)
+    return results
 
 
 # ---------------------------------------------------------------------- the driver
@@ -221,8 +258,27 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=None, help="tokens per loss chunk (default 512; tiny 16)")
     parser.add_argument("--only", default="", help="comma-separated optimizer kinds to run (default: all)")
     parser.add_argument("--run-timeout", type=int, default=300, help="seconds allowed per run")
+    parser.add_argument("--interleave", default="", help="comma-separated kinds: speed only, in one process (GPU)")
+    parser.add_argument("--rounds", type=int, default=8, help="with --interleave: timed rounds")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.interleave:
+        if not torch.cuda.is_available():
+            sys.exit("--interleave needs a CUDA GPU.")
+        kinds = args.interleave.split(",")
+        device = torch.device("cuda")
+        results = interleaved(kinds, args.rounds, args.warmup or 3, args.chunk or 512)
+        by_kind = {r["optimizer"]: r for r in results}
+        data = {"benchmark": "LOMO/AdaLomo speed, optimizers stepping in turn in one process", "device":
+                device_name(device), "versions": versions("bitsandbytes", "lomo-optim", "triton"), "model": LLAMA_1B,
+                "batch": [4, 1024], "gradient_checkpointing": "non-reentrant", "loss_chunk_tokens": args.chunk or 512,
+                "warmup_rounds": args.warmup or 3, "timed_rounds": args.rounds,
+                "statistic": "median step time per optimizer", "runs": results}
+        if "peftlab_lomo" in by_kind and "peftlab_adalomo" in by_kind:
+            data["adalomo_speed_vs_lomo"] = by_kind["peftlab_adalomo"]["tokens_per_s"] / by_kind["peftlab_lomo"]["tokens_per_s"]
+            print(f"AdaLomo / LOMO: {data['adalomo_speed_vs_lomo']:.3f}")
+        print(f"wrote {write_result(f'lomo-interleaved-{device_tag(device)}', data)}")
+        return
 
     if args.worker is not None:
         spec = json.loads(args.worker)

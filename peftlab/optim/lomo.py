@@ -607,7 +607,7 @@ class AdaLomo(_FusedBackwardOptimizer):
     State: ``exp_avg_sq_row`` / ``exp_avg_sq_col`` (fp32, ``n + m`` numbers) or ``exp_avg_sq`` for
     vectors, plus a step counter, created on the parameter's device at its first update and only
     for trainable parameters. Other arguments as :class:`Lomo`; ``eps = (ε1, ε2)``. Batched updates
-    (``bucket_mb``, default 32) run six kernels per bucket instead of about thirty per parameter; their
+    (``bucket_mb``, default 64) run six kernels per bucket instead of about thirty per parameter; their
     reductions round differently from the one-by-one path, so the two agree to fp32 rounding, not bit
     for bit. Their reductions use no atomics, so every run (and every data-parallel rank) gets the same bits.
     """
@@ -616,7 +616,7 @@ class AdaLomo(_FusedBackwardOptimizer):
                  eps: tuple[float, float] = (1e-30, 1e-3), clip_threshold: float = 1.0, decay_rate: float = -0.8,
                  clip_grad_norm: float | None = None, loss_scaling: str = "auto", init_loss_scale: float = 2.0 ** 16,
                  stochastic_rounding: bool = True, seed: int = 0, gradient_accumulation_steps: int = 1,
-                 track_grad_norm: bool = True, process_group: Any = None, bucket_mb: float = 32.0) -> None:
+                 track_grad_norm: bool = True, process_group: Any = None, bucket_mb: float = 64.0) -> None:
         defaults = dict(lr=lr, weight_decay=weight_decay, eps=tuple(eps), clip_threshold=clip_threshold,
                         decay_rate=decay_rate, stochastic_rounding=stochastic_rounding)
         super().__init__(params, defaults, clip_grad_norm=clip_grad_norm, loss_scaling=loss_scaling,
