@@ -102,6 +102,8 @@ else:
         expect = x.float() @ ref.t() + (b.float() if bias else 0)
         out = gemv.gemv_row(x, weight, b, {"PROGRAMS_PER_SM": 2, "CHUNK_BLOCKS": chunk, "VEC": 16, "num_warps": 4})
         assert out.shape == (1, 24) and out.dtype == x.dtype and _rel(out, expect) < 2e-3
+        with pytest.raises(NF4KernelError, match="one activation row, got 2"):
+            gemv.gemv_row(torch.cat([x, x]), weight, b, {"PROGRAMS_PER_SM": 2, "num_warps": 4})
 
     @pytest.mark.parametrize("w_is_a,split_k", [(True, 2), (False, 1)])
     def test_tiled_matmul_matches_reference(w_is_a, split_k):
@@ -137,6 +139,7 @@ else:
         from peftlab.quant.kernels import tuning
 
         assert tuning.forward_plan(1, 11008, 4096, 64, torch.bfloat16)[0] == tuning.FORWARD[(11008, 4096)][1][0]
+        assert all(tuning.forward_plan(m, 11008, 4096, 64, torch.bfloat16)[0] != "gemv1" for m in (2, 3, 16))
         # An unmeasured shape takes the nearest measured one; M=3 goes to the M=4 entry.
         kind, config = tuning.forward_plan(3, 11000, 4100, 128, torch.float16)
         assert kind == tuning.FORWARD[(11008, 4096)][4][0]

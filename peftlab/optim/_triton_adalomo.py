@@ -19,7 +19,7 @@ Kernels, in launch order:
 import triton
 import triton.language as tl
 
-from ._triton_update import _finish
+from ._triton_update import _finish, tensor_of
 
 # Columns of the int64 table (workspace columns are offsets into the fp32 workspace).
 COLUMNS = ("p", "g", "rows", "cols", "state_a", "state_b", "rowsum", "colpart", "colsum", "rowf", "colf",
@@ -34,19 +34,10 @@ SUM_ROW_BLOCKS = tl.constexpr(32)  # row blocks colsum adds per step
 
 
 @triton.jit
-def _tensor_of(table_ptr, pid, n_tensors, COL: tl.constexpr):
-    """Index of the tensor whose programs (first program in column COL) include ``pid``."""
-    t = 0
-    for i in range(1, n_tensors):
-        t = tl.where(pid >= tl.load(table_ptr + i * NCOL + COL), i, t)
-    return t
-
-
-@triton.jit
 def _tensor_row(table_ptr, pid, n_tensors, FIRST: tl.constexpr, DTYPE: tl.constexpr):
     """Table row of the tensor that program ``pid`` works on (grid column FIRST), its parameter and
     gradient pointers, its row and column counts, and ``pid``'s index among that tensor's programs."""
-    row = table_ptr + _tensor_of(table_ptr, pid, n_tensors, FIRST) * NCOL
+    row = table_ptr + tensor_of(table_ptr, pid, n_tensors, NCOL, FIRST) * NCOL
     p_ptr = tl.load(row + P).to(tl.pointer_type(DTYPE))
     g_ptr = tl.load(row + G).to(tl.pointer_type(DTYPE))
     return row, p_ptr, g_ptr, tl.load(row + ROWS), tl.load(row + COLS), pid - tl.load(row + FIRST)
@@ -78,7 +69,7 @@ def stats_kernel(table_ptr, ws_ptr, n_tensors, DTYPE: tl.constexpr):
 def colsum_kernel(table_ptr, ws_ptr, n_tensors):
     # Many row blocks per step: each step's loads are independent, so the loop is not latency-bound.
     pid = tl.program_id(0)
-    row = table_ptr + _tensor_of(table_ptr, pid, n_tensors, FIRST_CB) * NCOL
+    row = table_ptr + tensor_of(table_ptr, pid, n_tensors, NCOL, FIRST_CB) * NCOL
     n_rows = tl.load(row + ROWS)
     n_cols = tl.load(row + COLS)
     cols = (pid - tl.load(row + FIRST_CB)) * SUM_COLS + tl.arange(0, SUM_COLS)

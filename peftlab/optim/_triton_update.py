@@ -47,6 +47,26 @@ def _finish(p, u, step, weight_decay, seed, rand_offs, ROUNDING: tl.constexpr):
 
 
 @triton.jit
+def _load_flat(p_ptr, g_ptr, offs, mask, sq_ptr, HAS_SQ: tl.constexpr):
+    """fp32 parameter and gradient at ``offs``; with HAS_SQ the gradient's Σg² is added to ``sq_ptr``."""
+    p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SQ:
+        tl.atomic_add(sq_ptr, tl.sum(g * g, axis=0))
+    return p, g
+
+
+@triton.jit
+def tensor_of(table_ptr, pid, n_tensors, NCOL: tl.constexpr, FIRST: tl.constexpr):
+    """Row of a batch table (NCOL int64 columns per tensor) whose tensor's programs, starting at
+    column FIRST, include program ``pid``."""
+    t = 0
+    for i in range(1, n_tensors):
+        t = tl.where(pid >= tl.load(table_ptr + i * NCOL + FIRST), i, t)
+    return t
+
+
+@triton.jit
 def flat_update_kernel(p_ptr, g_ptr, vec_ptr, lr_mult_ptr, grad_mult_ptr, sq_ptr, numel,
                        lr, weight_decay, grad_scale, seed,
                        HAS_VEC: tl.constexpr, HAS_LR_MULT: tl.constexpr, HAS_GRAD_MULT: tl.constexpr,
@@ -56,10 +76,7 @@ def flat_update_kernel(p_ptr, g_ptr, vec_ptr, lr_mult_ptr, grad_mult_ptr, sq_ptr
     gradient norm costs no extra pass or launch."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
-    p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_SQ:
-        tl.atomic_add(sq_ptr, tl.sum(g * g, axis=0))
+    p, g = _load_flat(p_ptr, g_ptr, offs, mask, sq_ptr, HAS_SQ)
     u = g * grad_scale
     if HAS_VEC:
         u = u * tl.load(vec_ptr + offs, mask=mask, other=0.0)
@@ -107,19 +124,12 @@ def multi_flat_update_kernel(table_ptr, sq_ptr, n_tensors, lr, weight_decay, gra
     it exactly as the single-tensor kernel would (same noise, so the result is bit-identical).
     """
     pid = tl.program_id(0)
-    t = 0
-    for i in range(1, n_tensors):
-        t = tl.where(pid >= tl.load(table_ptr + i * 5 + 4), i, t)
-    row = table_ptr + t * 5
+    row = table_ptr + tensor_of(table_ptr, pid, n_tensors, 5, 4) * 5
     p_ptr = tl.load(row).to(tl.pointer_type(DTYPE))
     g_ptr = tl.load(row + 1).to(tl.pointer_type(DTYPE))
-    numel = tl.load(row + 2)
     seed = tl.load(row + 3).to(tl.int32)
     offs = (pid - tl.load(row + 4)) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_SQ:
-        tl.atomic_add(sq_ptr, tl.sum(g * g, axis=0))
+    mask = offs < tl.load(row + 2)
+    p, g = _load_flat(p_ptr, g_ptr, offs, mask, sq_ptr, HAS_SQ)
     new = _finish(p, g * grad_scale, lr, weight_decay, seed, offs.to(tl.int32), ROUNDING)
     tl.store(p_ptr + offs, new.to(DTYPE), mask=mask)

@@ -15,6 +15,7 @@ from ._triton_update import (
     ROUND_STOCHASTIC_FP16,
     TL_DTYPES,
 )
+from .fused_update import device_table
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -72,9 +73,8 @@ def adalomo_updates_(
         first_rb += row_blocks
         first_cb += sum_blocks
         first_tile += row_blocks * col_blocks
-    pinned = device.type == "cuda"  # a pinned table is copied without holding up the host
-    table = torch.tensor(rows, dtype=torch.int64, pin_memory=pinned).to(device, non_blocking=True)
-    beta = torch.tensor(betas, dtype=torch.float32, pin_memory=pinned).to(device, non_blocking=True)
+    table = device_table(rows, torch.int64, device)
+    beta = device_table(betas, torch.float32, device)
     ws = torch.empty(used, dtype=torch.float32, device=device)
     n, tl_dtype = len(params), TL_DTYPES[dtype]
     scale_sq = float(grad_scale) ** 2

@@ -27,7 +27,7 @@ import warnings
 
 import torch
 
-__all__ = ["apply_update_", "apply_updates_", "batchable", "stochastic_round", "as_matrix", "CHUNK_ELEMENTS"]
+__all__ = ["apply_update_", "apply_updates_", "batchable", "device_table", "stochastic_round", "as_matrix", "CHUNK_ELEMENTS"]
 
 # Largest slice of a parameter processed at once on the torch path (fp32 temporaries of 64 MiB).
 CHUNK_ELEMENTS = 1 << 24
@@ -135,7 +135,8 @@ def apply_updates_(
     sq_out: torch.Tensor | None = None,
 ) -> None:
     """:func:`apply_update_` (plain LOMO form) for many :func:`batchable` tensors of one dtype and device
-    in a single kernel launch; bit-identical to updating them one by one with the same seeds.
+    in a single kernel launch; bit-identical to updating them one by one with the same seeds. Raises
+    if the kernel fails (the optimizer then falls back to one-by-one updates).
 
     One launch instead of one per parameter matters because the update runs inside backward, where
     every launch's host time delays the backward kernels behind it.
@@ -149,20 +150,16 @@ def apply_updates_(
     for p, g, seed in zip(params, grads, seeds):
         rows += [p.data_ptr(), g.data_ptr(), p.numel(), int(seed) & 0x7FFFFFFF, first]
         first += -(-p.numel() // _MULTI_BLOCK)
-    try:
-        pinned = params[0].is_cuda  # a pinned table is copied without holding up the host
-        table = torch.tensor(rows, dtype=torch.int64, pin_memory=pinned).to(params[0].device, non_blocking=True)
-        kernels.multi_flat_update_kernel[(first,)](
-            table, sq_out if sq_out is not None else table, len(params), float(lr), float(weight_decay),
-            float(grad_scale), DTYPE=kernels.TL_DTYPES[dtype], HAS_SQ=sq_out is not None, ROUNDING=rounding,
-            BLOCK=_MULTI_BLOCK)
-    except Exception as exc:  # a broken Triton install must not stop training
-        warnings.warn(f"Triton update kernel failed ({exc}); falling back to torch ops.", stacklevel=2)
-        _triton_kernels.cache_clear()
-        _disable_triton()
-        for p, g, seed in zip(params, grads, seeds):
-            apply_update_(p, g, lr=lr, weight_decay=weight_decay, grad_scale=grad_scale,
-                          stochastic_rounding=stochastic_rounding, seed=seed, sq_out=sq_out)
+    table = device_table(rows, torch.int64, params[0].device)
+    kernels.multi_flat_update_kernel[(first,)](
+        table, sq_out if sq_out is not None else table, len(params), float(lr), float(weight_decay),
+        float(grad_scale), DTYPE=kernels.TL_DTYPES[dtype], HAS_SQ=sq_out is not None, ROUNDING=rounding,
+        BLOCK=_MULTI_BLOCK)
+
+
+def device_table(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``values`` as a tensor on ``device``; copied from pinned memory so the host does not wait."""
+    return torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda").to(device, non_blocking=True)
 
 
 # ----------------------------------------------------------------------------- torch path

@@ -130,14 +130,12 @@ class _Bucket:
         self.group, self.sink = group, sink
         self.params: list[torch.Tensor] = []
         self.grads: list[torch.Tensor] = []
-        self.seeds: list[int] = []
-        self.steps: list[int] = []
+        self.steps: list[int] = []  # each parameter's step number once this update is applied
         self.nbytes = 0
 
-    def add(self, p: torch.Tensor, grad: torch.Tensor, seed: int, step: int) -> None:
+    def add(self, p: torch.Tensor, grad: torch.Tensor, step: int) -> None:
         self.params.append(p)
         self.grads.append(grad)
-        self.seeds.append(seed)
         self.steps.append(step)
         self.nbytes += grad.numel() * grad.element_size()
 
@@ -188,7 +186,7 @@ class _FusedBackwardOptimizer(torch.optim.Optimizer):
         if not bucket_mb >= 0:
             raise LomoConfigError(f"{name}: bucket_mb must be >= 0, got {bucket_mb}")
         self.bucket_bytes = int(bucket_mb * 2 ** 20)
-        # Gradients waiting for one batched update launch: key -> (params, grads, seeds, group, sink, bytes).
+        # Gradients waiting for one batched update launch, per (device, dtype, param group).
         self._pending: dict[tuple, list] = {}
         self._index: dict[torch.Tensor, int] = {}
         self._group_of: dict[torch.Tensor, dict[str, Any]] = {}
@@ -459,8 +457,7 @@ class _FusedBackwardOptimizer(torch.optim.Optimizer):
         bucket = self._pending.get(key)
         if bucket is None:
             bucket = self._pending[key] = _Bucket(group, sink)
-        step = self.state[p].get("step", 0) + 1
-        bucket.add(p, grad, self._seed_for(self._index[p], step), step)
+        bucket.add(p, grad, self.state[p].get("step", 0) + 1)
         if bucket.nbytes >= self.bucket_bytes:
             self._flush(key)
         return True
@@ -492,6 +489,10 @@ class _FusedBackwardOptimizer(torch.optim.Optimizer):
     def _apply_batch(self, bucket: _Bucket) -> None:
         """Update every parameter of ``bucket`` (all batchable, one device, dtype and group)."""
         raise NotImplementedError
+
+    def _seeds(self, bucket: _Bucket) -> list[int]:
+        """The rounding seed of each parameter of ``bucket`` for its step (as one-by-one updates use)."""
+        return [self._seed_for(self._index[p], step) for p, step in zip(bucket.params, bucket.steps)]
 
     def _fail_accumulation(self) -> None:
         self._updates_since_step = 0
@@ -579,7 +580,7 @@ class Lomo(_FusedBackwardOptimizer):
 
     def _apply_batch(self, bucket):
         group = bucket.group
-        apply_updates_(bucket.params, bucket.grads, bucket.seeds, lr=float(group["lr"]),
+        apply_updates_(bucket.params, bucket.grads, self._seeds(bucket), lr=float(group["lr"]),
                        weight_decay=float(group["weight_decay"]), grad_scale=self._grad_scale,
                        stochastic_rounding=group["stochastic_rounding"], sq_out=bucket.sink)
 
@@ -628,7 +629,7 @@ class AdaLomo(_FusedBackwardOptimizer):
         from .batched_adalomo import adalomo_updates_  # needs Triton, which batchable() checked
 
         group = bucket.group
-        adalomo_updates_(bucket.params, bucket.grads, [self.state[p] for p in bucket.params], bucket.seeds,
+        adalomo_updates_(bucket.params, bucket.grads, [self.state[p] for p in bucket.params], self._seeds(bucket),
                          [1.0 - step ** group["decay_rate"] for step in bucket.steps], lr=float(group["lr"]),
                          weight_decay=float(group["weight_decay"]), eps=group["eps"],
                          clip_threshold=float(group["clip_threshold"]), grad_scale=self._grad_scale,

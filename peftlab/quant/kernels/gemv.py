@@ -21,7 +21,7 @@ import triton.language as tl
 
 from peftlab.quant.kernels.decode import block_scales, nf4_codes
 from peftlab.quant.kernels.gemm import finish_split_k
-from peftlab.quant.kernels.weights import NF4Weight
+from peftlab.quant.kernels.weights import NF4KernelError, NF4Weight
 
 
 @triton.jit(do_not_specialize=["M", "N", "k_blocks"])
@@ -118,6 +118,8 @@ def gemv_row(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, conf
     in registers; longer rows are split and their partial sums added), ``VEC`` packed bytes per
     load, ``num_warps`` (see ``tuning``).
     """
+    if x.shape[0] != 1:
+        raise NF4KernelError(f"gemv_row takes one activation row, got {x.shape[0]}.")
     out = torch.empty(1, weight.n, dtype=x.dtype, device=x.device)
     chunk = min(config.get("CHUNK_BLOCKS", 64), triton.next_power_of_2(weight.k_blocks))
     split = triton.cdiv(weight.k_blocks, chunk)

@@ -7,7 +7,8 @@ rows ``M`` that ``python benchmarks/kernels.py --sweep`` measured on an H100 (bf
 nearest measured shape (in log N, log K) and other M the nearest measured M (in log M, ties
 going to the larger M). Kinds: ``gemv1`` (persistent one-row GEMV), ``gemv`` (CUDA-core GEMV),
 ``fused`` (dequantize tiles into ``tl.dot``), ``chunked`` (dequantize into a scratch buffer +
-cuBLAS; the value is the chunk size in elements, ``None`` for the whole weight at once). The comments give the measured time.
+cuBLAS; the value is the chunk size in elements, ``None`` for the whole weight at once). The
+comments give the measured time. ``gemv1`` appears only under M=1, the only M that maps to it.
 """
 from __future__ import annotations
 
@@ -122,8 +123,6 @@ def forward_plan(m: int, n: int, k: int, blocksize: int, dtype: torch.dtype) -> 
     if dtype == torch.float32:  # tl.dot would round fp32 to tf32; CUDA cores or cuBLAS keep fp32
         return ("gemv", blocks_per_step(_FP32_GEMV, blocksize)) if m <= 16 else ("chunked", None)
     kind, config = _lookup(FORWARD, m, n, k)
-    if kind == "gemv1" and m != 1:  # measured for one row only
-        kind, config = "gemv", _FP32_GEMV
     return (kind, config) if kind in ("chunked", "gemv1") else (kind, blocks_per_step(config, blocksize))
 
 
