@@ -6,6 +6,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -76,6 +78,14 @@ def write_result(name: str, data: dict) -> Path:
     return path
 
 
+def update_result(name: str, section: str, data: dict) -> Path:
+    """Replace one section of ``results/<name>.json`` (other scripts own the other sections)."""
+    path = RESULTS / f"{name}.json"
+    whole = json.loads(path.read_text()) if path.exists() else {}
+    whole[section] = data
+    return write_result(name, whole)
+
+
 def build_bf16_llama(config: dict, device: torch.device, checkpointing: bool = True):
     """Random-init bf16 Llama built directly on ``device`` (no fp32 copy ever exists), in train mode."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -94,3 +104,27 @@ def build_bf16_llama(config: dict, device: torch.device, checkpointing: bool = T
     if checkpointing:
         enable_gradient_checkpointing(model)
     return model
+
+
+def spawn_worker(script: str, spec: dict, timeout: int, launcher: list[str] | None = None) -> dict:
+    """Run ``script --worker <spec>`` in a fresh Python process and return the record it printed.
+
+    A fresh process per measurement keeps each peak-memory reading clean. The worker prints one
+    ``RESULT <json>`` line (see :func:`print_worker_result`); a crash or timeout becomes a status.
+    ``launcher`` replaces the plain ``python`` (e.g. ``accelerate launch`` for several processes).
+    """
+    command = (launcher or [sys.executable]) + [script, "--worker", json.dumps(spec)]
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return {"status": f"timed out after {timeout} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {"status": "failed", "error": " | ".join(tail)}
+
+
+def print_worker_result(result: dict) -> None:
+    """The worker's side of :func:`spawn_worker`."""
+    print("RESULT " + json.dumps(result), flush=True)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import LLAMA_1B, LLAMA_TINY, build_bf16_llama, device_name, device_tag, versions, write_result  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    LLAMA_1B, LLAMA_TINY, build_bf16_llama, device_name, device_tag, print_worker_result, spawn_worker, versions,
+    write_result)
 
 LORA = {"r": 16, "alpha": 32}
 TOLERANCE = 0.15
@@ -88,20 +89,6 @@ def measure(method: str, options: dict, checkpointing: bool, batch: int, seq: in
             "reserved_bytes": torch.cuda.max_memory_reserved(), "seconds": time.perf_counter() - start}
 
 
-def spawn(spec: dict, timeout: int) -> dict:
-    """Run one measurement in a fresh Python process and return its record."""
-    try:
-        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
-                              text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        return {"status": f"timed out after {timeout} s"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    return {"status": "failed", "error": " | ".join(tail)}
-
-
 # ---------------------------------------------------------------------- the driver
 def estimate(config: dict, method: str, options: dict, checkpointing: bool, batch: int, seq: int, cuda: bool):
     from transformers import LlamaConfig
@@ -121,7 +108,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         spec = json.loads(args.worker)
-        print("RESULT " + json.dumps(measure(**spec)), flush=True)
+        print_worker_result(measure(**spec))
         return
 
     on_gpu = torch.cuda.is_available() and not args.tiny
@@ -135,7 +122,7 @@ def main() -> None:
                "estimate_phase": est.peak_phase, "estimate_parts": est.parts, "estimate_phases": est.phases}
         if on_gpu:
             spec = {"method": method, "options": options, "checkpointing": checkpointing, "batch": batch, "seq": seq}
-            result = spawn(spec, args.run_timeout)
+            result = spawn_worker(__file__, spec, args.run_timeout)
             row.update(result)
             if result["status"] == "ok":
                 row["measured_gib"] = result["measured_bytes"] / 2**30

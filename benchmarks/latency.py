@@ -1,77 +1,100 @@
 """Forward latency: base model vs LoRA unmerged vs merged (peftlab and HF PEFT, same run).
 
-A small Llama config, batch 1 x 128 tokens, eval mode, LoRA r=16 alpha=32 on all linear layers.
-Rounds alternate between the variants so that machine noise hits each of them alike; we report
-the median per variant and its ratio to the base model.
+The 1.1B Llama shape (random init, bf16 on a GPU; the tiny Llama in fp32 with ``--tiny``), eval
+mode, LoRA r=16 alpha=32 on all 7 linear kinds with non-zero B (a trained adapter), batches of
+1 × 128 and 8 × 512 tokens. Rounds alternate between the variants so that machine noise hits each
+of them alike; we report the median per variant and its ratio to the base model.
 
-    python benchmarks/latency.py [--device cuda] [--rounds 15]
+    python benchmarks/latency.py            # GPU: table + results/e2e-<gpu>.json, section "inference"
+    python benchmarks/latency.py --tiny     # CPU smoke run
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import statistics
+import sys
 import warnings
+from pathlib import Path
 
 import torch
-from common import device_name, device_tag, median_ms, versions, write_result
-from transformers import LlamaConfig, LlamaForCausalLM
 
-import peftlab
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-SMALL_LLAMA = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
-                   num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512)
+import peftlab  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    LLAMA_1B, LLAMA_TINY, device_name, device_tag, median_ms, update_result, versions)
+
+TARGETS = {"merged_max": 1.02, "unmerged_max": {"1x128": 1.25, "8x512": 1.1}}
 
 
-def build_variants(device: torch.device, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
+def build_variants(config: dict, device: torch.device, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(**SMALL_LLAMA)).to(device, dtype).eval()
+    base = LlamaForCausalLM(LlamaConfig(**config)).to(device, dtype).eval()
     lora = peftlab.LoraConfig(r=16, alpha=32, target_modules="all-linear", init="random")
     unmerged = peftlab.wrap(copy.deepcopy(base), lora).eval()
     merged = copy.deepcopy(unmerged)
     merged.merge()
-    variants = {"base": base, "peftlab unmerged": unmerged, "peftlab merged": merged}
+    variants = {"base": base, "peftlab merged": merged, "peftlab unmerged": unmerged}
     try:
         import peft
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
-                r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False))
-        variants["HF PEFT unmerged"] = theirs.eval()
     except ImportError:
-        pass
+        return variants
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+            r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False))
+    variants["HF PEFT unmerged"] = theirs.eval()
     return variants
+
+
+def time_variants(variants: dict, ids: torch.Tensor, rounds: int, repeats: int) -> dict[str, float]:
+    """Median forward time (ms) per variant, the variants taking turns."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for name, model in variants.items():
+                times[name].append(median_ms(lambda: model(input_ids=ids), ids.device, repeats, warmup=1))
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tiny", action="store_true", help="tiny Llama on CPU")
+    parser.add_argument("--shapes", default="1x128,8x512", help="comma-separated BATCHxSEQ")
     parser.add_argument("--rounds", type=int, default=15, help="alternating rounds per variant")
     parser.add_argument("--repeats", type=int, default=5, help="timed forwards per round")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--seq", type=int, default=128)
     args = parser.parse_args()
-    device = torch.device(args.device)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    variants = build_variants(device, dtype)
-    ids = torch.randint(0, SMALL_LLAMA["vocab_size"], (args.batch, args.seq), device=device)
+    config = LLAMA_TINY if args.tiny else LLAMA_1B
+    variants = build_variants(config, device, dtype)
 
-    rounds: dict[str, list[float]] = {name: [] for name in variants}
-    with torch.inference_mode():
-        for _ in range(args.rounds):
-            for name, model in variants.items():
-                rounds[name].append(median_ms(lambda: model(input_ids=ids), device, args.repeats, warmup=1))
-    ms = {name: statistics.median(values) for name, values in rounds.items()}
-
-    print(f"{'variant':<20} {'median ms':>10} {'vs base':>8}")
-    for name, value in ms.items():
-        print(f"{name:<20} {value:>10.2f} {value / ms['base']:>7.3f}x")
-    path = write_result(f"latency-{device_tag(device)}", {
-        "benchmark": "forward latency, LoRA r=16 on all linear layers",
-        "device": device_name(device), "dtype": str(dtype), "versions": versions("peft"),
-        "model": SMALL_LLAMA, "batch": args.batch, "seq": args.seq, "rounds": args.rounds, "repeats": args.repeats,
-        "median_ms": ms, "ratio_to_base": {name: value / ms["base"] for name, value in ms.items()},
+    shapes, checks = {}, {}
+    for shape in args.shapes.split(","):
+        batch, seq = map(int, shape.split("x"))
+        ids = torch.randint(0, config["vocab_size"], (batch, seq), device=device)
+        ms = time_variants(variants, ids, args.rounds, args.repeats)
+        shapes[shape] = {"median_ms": ms, "ratio_to_base": {name: value / ms["base"] for name, value in ms.items()}}
+        print(f"batch {batch} x {seq} tokens")
+        print(f"  {'variant':<20} {'median ms':>10} {'vs base':>8}")
+        for name, value in ms.items():
+            print(f"  {name:<20} {value:>10.2f} {value / ms['base']:>7.3f}x")
+        ratios = shapes[shape]["ratio_to_base"]
+        checks[f"merged_{shape}"] = [ratios["peftlab merged"], ratios["peftlab merged"] <= TARGETS["merged_max"]]
+        limit = TARGETS["unmerged_max"].get(shape)
+        if limit is not None:
+            checks[f"unmerged_{shape}"] = [ratios["peftlab unmerged"], ratios["peftlab unmerged"] <= limit]
+    for key, (value, ok) in checks.items():
+        print(f"target {key}: {value:.3f} {'PASS' if ok else 'FAIL'}")
+    name = f"e2e-{device_tag(device)}" + ("-tiny" if args.tiny else "")
+    path = update_result(name, "inference", {
+        "benchmark": "forward latency, LoRA r=16 alpha=32 on all linear layers, eval mode",
+        "device": device_name(device), "dtype": str(dtype), "versions": versions("peft"), "model": config,
+        "rounds": args.rounds, "repeats": args.repeats, "statistic": "median over rounds of per-round medians",
+        "shapes": shapes, "targets": TARGETS, "target_checks": checks,
     })
     print(f"wrote {path}")
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import LLAMA_1B, LLAMA_TINY, build_bf16_llama, device_name, device_tag, versions, write_result  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    LLAMA_1B, LLAMA_TINY, build_bf16_llama, device_name, device_tag, print_worker_result, spawn_worker, versions,
+    write_result)
 
 
 # (run name, optimizer, loss); the reference for ratios is SGD with the same (chunked) loss.
@@ -192,19 +193,8 @@ def skip_reason(kind: str, on_cuda: bool) -> str | None:
 
 def spawn(kind: str, loss_kind: str, args) -> dict:
     """Run one configuration in a fresh Python process and return its result record."""
-    spec = json.dumps(dict(kind=kind, loss_kind=loss_kind, tiny=args.tiny, warmup=args.warmup,
-                           steps=args.steps, chunk=args.chunk))
-    try:
-        proc = subprocess.run([sys.executable, __file__, "--worker", spec], capture_output=True, text=True,
-                              timeout=args.run_timeout)
-    except subprocess.TimeoutExpired:
-        return {"status": f"timed out after {args.run_timeout} s"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    return {"status": "failed", "error": " | ".join(tail)}
-
+    spec = dict(kind=kind, loss_kind=loss_kind, tiny=args.tiny, warmup=args.warmup, steps=args.steps, chunk=args.chunk)
+    return spawn_worker(__file__, spec, args.run_timeout)
 
 def ratios(results: list[dict]) -> None:
     """Add speed/memory ratios against SGD with the same loss."""
@@ -286,7 +276,7 @@ def main() -> None:
             result = run_one(**spec)
         except torch.cuda.OutOfMemoryError:
             result = {"status": "out of memory"}
-        print("RESULT " + json.dumps(result), flush=True)
+        print_worker_result(result)
         return
 
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)

@@ -241,18 +241,21 @@ class PeftModel(nn.Module):
         """Trainable vs total parameters, per module kind (printable as a table)."""
         return summarize(self.base_model, dict(self.adapters))
 
-    def enable_gradient_checkpointing(self, use_reentrant: bool = False) -> None:
-        """Turn on the base model's activation checkpointing (non-reentrant by default)."""
-        enable_gradient_checkpointing(self.base_model, use_reentrant)
+    def enable_gradient_checkpointing(self, use_reentrant: bool = False, preserve_rng_state: bool = True) -> None:
+        """Turn on the base model's activation checkpointing (non-reentrant by default); see
+        :func:`enable_gradient_checkpointing`."""
+        enable_gradient_checkpointing(self.base_model, use_reentrant, preserve_rng_state)
 
 
-def enable_gradient_checkpointing(model: nn.Module, use_reentrant: bool = False) -> None:
+def enable_gradient_checkpointing(model: nn.Module, use_reentrant: bool = False, preserve_rng_state: bool = True) -> None:
     """Turn on a transformers model's activation checkpointing, whatever its transformers version calls it.
 
     Non-reentrant checkpointing gives adapter gradients with a frozen base; the reentrant kind needs
-    inputs that require grad, which we then arrange for.
+    inputs that require grad, which we then arrange for. ``preserve_rng_state=False`` skips saving
+    the RNG state for the recomputation — exact when the model has no active dropout, and needed
+    inside a CUDA graph (:class:`peftlab.train.GraphedStep`), where the state cannot be read.
     """
-    kwargs = {"use_reentrant": use_reentrant}
+    kwargs = {"use_reentrant": use_reentrant, "preserve_rng_state": preserve_rng_state}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.18
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:

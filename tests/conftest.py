@@ -1,6 +1,8 @@
 """Shared fixtures: tiny random models built from transformers configs (no network)."""
 from __future__ import annotations
 
+import socket
+
 import pytest
 import torch
 
@@ -108,3 +110,10 @@ def token_batch():
     g = torch.Generator().manual_seed(1234)
     ids = torch.randint(0, 128, (2, 12), generator=g)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def free_port() -> int:
+    """A free TCP port on localhost, for a test's process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,8 +1,6 @@
 """LOMO/AdaLomo data parallelism: 2 CPU processes (gloo) average gradients inside the hook."""
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -10,7 +8,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from peftlab.optim import AdaLomo, Lomo, LomoConfigError
-from tests.conftest import make_llama
+from tests.conftest import free_port, make_llama
 
 STEPS, LR = 3, {"Lomo": 0.1, "AdaLomo": 1e-2}
 
@@ -18,12 +16,6 @@ STEPS, LR = 3, {"Lomo": 0.1, "AdaLomo": 1e-2}
 def _batches() -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(3)
     return [torch.randint(0, 128, (4, 12), generator=g) for _ in range(STEPS)]  # the combined batch
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -54,7 +46,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def test_two_ranks_match_single_process_training_on_the_combined_batch(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: one thread is fastest
     try:

@@ -34,6 +34,8 @@ from .base import (
 )
 from .bias import BiasOffsets, bias_on_last_dim
 from .copies import TrainableCopies, resolve_copies
+from . import lora_term
+from .lora_term import LoraTerm
 
 FORMAT_VERSION = 1
 PEFT_PREFIX = "base_model.model."
@@ -129,7 +131,7 @@ class LoraWeights(nn.Module):
         self.fan_in_fan_out = fan_in_fan_out
         self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=torch.float32))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         self._cast: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None  # inference copies in the activation dtype
         with torch.no_grad():
             if init == "gaussian":
@@ -140,11 +142,11 @@ class LoraWeights(nn.Module):
                 nn.init.normal_(self.lora_B, std=1 / r)
 
     def _weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """A and scaling*B in the activation dtype; cached while no gradient is wanted and the weights are unchanged."""
+        """A and scaling*B in the activation dtype, without autograd history; remade only when the
+        fp32 weights may have changed (see ``lora_term``), not on every forward."""
         a, b = self.lora_A, self.lora_B
-        if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
-            return a.to(dtype), (b * self.scaling).to(dtype)
-        key = (dtype, a.device, a.data_ptr(), b.data_ptr(), a._version, b._version)
+        key = (dtype, a._version, b._version, a.data_ptr(), b.data_ptr(), torch.is_inference_mode_enabled(),
+               lora_term.generation())
         if self._cast is None or self._cast[0] != key:
             with torch.no_grad():
                 self._cast = (key, (a.to(dtype), (b * self.scaling).to(dtype)))
@@ -152,12 +154,18 @@ class LoraWeights(nn.Module):
 
     def update(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """The layer output plus the adapter's term for input ``x``."""
-        a, b = self._weights(x.dtype)
-        h = F.linear(self.dropout(x), a)
-        if out.dtype == h.dtype and out.is_contiguous():  # one GEMM that also adds the output
-            flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), b.t())
-            return flat.view(out.shape)
-        return out + F.linear(h, b).to(out.dtype)
+        a, b = self.lora_A, self.lora_B
+        x = self.dropout(x) if self.dropout is not None else x
+        if out.dtype != x.dtype or not out.is_contiguous():  # e.g. autocast: plain ops, autograd through the casts
+            h = F.linear(x, a.to(x.dtype))
+            return out + F.linear(h, (b * self.scaling).to(h.dtype)).to(out.dtype)
+        a16, b16 = self._weights(x.dtype)
+        if torch.is_grad_enabled() and (x.requires_grad or out.requires_grad or a.requires_grad or b.requires_grad):
+            return LoraTerm.apply(x, out, a, b, a16, b16, self.scaling)
+        # No autograd graph: add into the base output in place (it is a fresh tensor of the base layer).
+        h = F.linear(x, a16)
+        out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), b16.t())
+        return out
 
     def delta(self) -> torch.Tensor:
         """The fp32 weight update, in the layout of the base layer's weight."""

@@ -60,6 +60,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..adapters.lora_term import weights_changed
 from .fused_update import CHUNK_ELEMENTS, apply_update_, apply_updates_, as_matrix, batchable
 
 __all__ = [
@@ -266,6 +267,12 @@ class _FusedBackwardOptimizer(torch.optim.Optimizer):
         model = self._model_ref() if self._model_ref is not None else None
         if model is not None:
             _refuse_reentrant_checkpointing(model, type(self).__name__)
+        try:
+            self._backward(loss, retain_graph)
+        finally:
+            weights_changed()  # the Triton updates move no version counters
+
+    def _backward(self, loss: torch.Tensor, retain_graph: bool) -> None:
         self.last_step_skipped = False
         if not self._needs_measure_pass:
             self._run_pass("update", loss, 1.0, retain_graph, track=self.track_grad_norm)

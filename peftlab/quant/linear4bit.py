@@ -1,6 +1,8 @@
 """NF4Linear: a frozen 4-bit linear layer whose state dict is bitsandbytes' ``Linear4bit`` format."""
 from __future__ import annotations
 
+import functools
+
 import json
 import math
 
@@ -22,10 +24,12 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 def default_compute_dtype(device: torch.device | str) -> torch.dtype:
     """bf16 on CUDA GPUs that support it, otherwise fp32."""
-    device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+    return _cuda_compute_dtype() if torch.device(device).type == "cuda" else torch.float32
+
+
+@functools.cache
+def _cuda_compute_dtype() -> torch.dtype:  # asked on every forward; the answer never changes
+    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
 
 
 def _layer_label(name: str | None) -> str:

@@ -117,16 +117,33 @@ def triton_cuda_available() -> bool:
     return True
 
 
-def _triton_linear(x: torch.Tensor, layer) -> torch.Tensor:
-    from .ops import nf4_matmul
+def _kernel_weight(layer):
+    """The layer's checked ``NF4Weight`` view, kept on the layer until its tensors change.
 
-    return nf4_matmul(x, layer.weight, layer.quant_state, _bias(layer, x.dtype))
+    Building and checking the view takes longer than launching a kernel, and a training step
+    asks for it three times per layer.
+    """
+    from .weights import NF4Weight
+
+    tensors = (layer.weight, layer.absmax, layer.quant_map, layer.nested_absmax)
+    key = tuple(None if t is None else (t.data_ptr(), t.device) for t in tensors) + (layer.offset,)
+    cached = layer.__dict__.get("_nf4_kernel_weight")
+    if cached is None or cached[0] != key:
+        cached = (key, NF4Weight.from_state(layer.weight, layer.quant_state))
+        layer.__dict__["_nf4_kernel_weight"] = cached
+    return cached[1]
+
+
+def _triton_linear(x: torch.Tensor, layer) -> torch.Tensor:
+    from .ops import matmul
+
+    return matmul(x, _kernel_weight(layer), _bias(layer, x.dtype))
 
 
 def _triton_grad_input(grad_out: torch.Tensor, layer) -> torch.Tensor:
-    from .ops import nf4_matmul_grad_input
+    from .ops import matmul_grad_input
 
-    return nf4_matmul_grad_input(grad_out, layer.weight, layer.quant_state)
+    return matmul_grad_input(grad_out, _kernel_weight(layer))
 
 
 def _triton_dequantize(layer, dtype: torch.dtype) -> torch.Tensor:

@@ -30,7 +30,9 @@ def _as_rows(t: torch.Tensor, width: int, name: str, weight: NF4Weight) -> torch
 
 def _on(device: torch.device):
     """Makes ``device`` current while kernels launch (Triton launches on the current GPU)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, state: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -40,7 +42,11 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, state: Any, bias: torch.Te
     tensor-core kernel, large ones dequantize the weight (whole or in chunks) for cuBLAS;
     ``tuning`` holds the measured choice per shape.
     """
-    weight = NF4Weight.from_state(packed, state)
+    return matmul(x, NF4Weight.from_state(packed, state), bias)
+
+
+def matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`nf4_matmul` on an already checked weight view."""
     x2 = _as_rows(x, weight.k, "x", weight)
     if bias is not None:
         bias = bias.to(device=x.device, dtype=x.dtype).contiguous()
@@ -65,7 +71,11 @@ def nf4_matmul_grad_input(grad_out: torch.Tensor, packed: torch.Tensor, state: A
     No dequantized copy of the whole weight stays alive: small batches decode tiles in the
     kernel, large ones go through block-aligned column chunks and one scratch buffer.
     """
-    weight = NF4Weight.from_state(packed, state)
+    return matmul_grad_input(grad_out, NF4Weight.from_state(packed, state))
+
+
+def matmul_grad_input(grad_out: torch.Tensor, weight: NF4Weight) -> torch.Tensor:
+    """:func:`nf4_matmul_grad_input` on an already checked weight view."""
     g2 = _as_rows(grad_out, weight.n, "grad_out", weight)
     kind, config = grad_input_plan(g2.shape[0], weight.n, weight.k, weight.blocksize, grad_out.dtype)
     with _on(grad_out.device):

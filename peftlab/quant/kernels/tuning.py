@@ -12,6 +12,7 @@ comments give the measured time. ``gemv1`` appears only under M=1, the only M th
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -118,6 +119,7 @@ def blocks_per_step(config: dict, blocksize: int) -> dict:
     return out
 
 
+@functools.lru_cache(maxsize=4096)  # asked on every call; the answer depends only on the arguments
 def forward_plan(m: int, n: int, k: int, blocksize: int, dtype: torch.dtype) -> tuple[str, object]:
     """``("gemv" | "fused", config)`` or ``("chunked", chunk_elems)`` for ``[m, k] @ [n, k].T``."""
     if dtype == torch.float32:  # tl.dot would round fp32 to tf32; CUDA cores or cuBLAS keep fp32
@@ -126,6 +128,7 @@ def forward_plan(m: int, n: int, k: int, blocksize: int, dtype: torch.dtype) -> 
     return (kind, config) if kind in ("chunked", "gemv1") else (kind, blocks_per_step(config, blocksize))
 
 
+@functools.lru_cache(maxsize=4096)
 def grad_input_plan(m: int, n: int, k: int, blocksize: int, dtype: torch.dtype) -> tuple[str, object]:
     """``("fused", config)`` or ``("chunked", chunk_elems)`` for ``[m, n] @ [n, k]``."""
     if dtype == torch.float32:
