@@ -3,10 +3,12 @@
 The 1.1B Llama shape (random init, bf16 on a GPU; the tiny Llama in fp32 with ``--tiny``), eval
 mode, LoRA r=16 alpha=32 on all 7 linear kinds with non-zero B (a trained adapter), batches of
 1 × 128 and 8 × 512 tokens. Rounds alternate between the variants so that machine noise hits each
-of them alike; we report the median per variant and its ratio to the base model.
+of them alike; we report the median per variant and its ratio to the base model. On a GPU each
+variant is timed twice: eagerly (Python issues every kernel; host-bound at these sizes) and as a
+replayed CUDA graph of the same forward (GPU time alone, as a server that captures its forward sees).
 
     python benchmarks/latency.py            # GPU: table + results/e2e-<gpu>.json, section "inference"
-    python benchmarks/latency.py --tiny     # CPU smoke run
+    python benchmarks/latency.py --tiny     # CPU smoke run (eager only)
 """
 from __future__ import annotations
 
@@ -50,13 +52,31 @@ def build_variants(config: dict, device: torch.device, dtype: torch.dtype) -> di
     return variants
 
 
-def time_variants(variants: dict, ids: torch.Tensor, rounds: int, repeats: int) -> dict[str, float]:
+def graphed_forward(model: torch.nn.Module, ids: torch.Tensor):
+    """``model(input_ids=ids)`` captured as a CUDA graph; returns its replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side):
+        for _ in range(2):
+            model(input_ids=ids, use_cache=False)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        model(input_ids=ids, use_cache=False)
+    return graph.replay
+
+
+def time_variants(variants: dict, ids: torch.Tensor, rounds: int, repeats: int, graphs: bool) -> dict[str, float]:
     """Median forward time (ms) per variant, the variants taking turns."""
+    if graphs:
+        calls = {name: graphed_forward(model, ids) for name, model in variants.items()}
+    else:
+        calls = {name: (lambda m=model: m(input_ids=ids, use_cache=False)) for name, model in variants.items()}
     times: dict[str, list[float]] = {name: [] for name in variants}
-    with torch.inference_mode():
+    with torch.no_grad():
         for _ in range(rounds):
-            for name, model in variants.items():
-                times[name].append(median_ms(lambda: model(input_ids=ids), ids.device, repeats, warmup=1))
+            for name, call in calls.items():
+                times[name].append(median_ms(call, ids.device, repeats, warmup=1))
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -73,20 +93,23 @@ def main() -> None:
     variants = build_variants(config, device, dtype)
 
     shapes, checks = {}, {}
+    modes = ["eager", "cuda graph"] if device.type == "cuda" else ["eager"]
     for shape in args.shapes.split(","):
         batch, seq = map(int, shape.split("x"))
         ids = torch.randint(0, config["vocab_size"], (batch, seq), device=device)
-        ms = time_variants(variants, ids, args.rounds, args.repeats)
-        shapes[shape] = {"median_ms": ms, "ratio_to_base": {name: value / ms["base"] for name, value in ms.items()}}
-        print(f"batch {batch} x {seq} tokens")
-        print(f"  {'variant':<20} {'median ms':>10} {'vs base':>8}")
-        for name, value in ms.items():
-            print(f"  {name:<20} {value:>10.2f} {value / ms['base']:>7.3f}x")
-        ratios = shapes[shape]["ratio_to_base"]
-        checks[f"merged_{shape}"] = [ratios["peftlab merged"], ratios["peftlab merged"] <= TARGETS["merged_max"]]
-        limit = TARGETS["unmerged_max"].get(shape)
-        if limit is not None:
-            checks[f"unmerged_{shape}"] = [ratios["peftlab unmerged"], ratios["peftlab unmerged"] <= limit]
+        for mode in modes:
+            ms = time_variants(variants, ids, args.rounds, args.repeats, graphs=mode != "eager")
+            ratios = {name: value / ms["base"] for name, value in ms.items()}
+            shapes[f"{shape} {mode}"] = {"median_ms": ms, "ratio_to_base": ratios}
+            print(f"batch {batch} x {seq} tokens, {mode}")
+            print(f"  {'variant':<20} {'median ms':>10} {'vs base':>8}")
+            for name, value in ms.items():
+                print(f"  {name:<20} {value:>10.2f} {ratios[name]:>7.3f}x")
+            tag = f"{shape}_{mode.replace(' ', '_')}"
+            checks[f"merged_{tag}"] = [ratios["peftlab merged"], ratios["peftlab merged"] <= TARGETS["merged_max"]]
+            limit = TARGETS["unmerged_max"].get(shape)
+            if limit is not None:
+                checks[f"unmerged_{tag}"] = [ratios["peftlab unmerged"], ratios["peftlab unmerged"] <= limit]
     for key, (value, ok) in checks.items():
         print(f"target {key}: {value:.3f} {'PASS' if ok else 'FAIL'}")
     name = f"e2e-{device_tag(device)}" + ("-tiny" if args.tiny else "")
