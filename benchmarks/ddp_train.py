@@ -56,7 +56,7 @@ def run_worker(mode: str, folder: str, steps: int, warmup: int) -> dict | None:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR, fused=True, capturable=graphed)
     if graphed:
-        step_fn = GraphedStep(model, optimizer, lambda b: loss_of(b["input_ids"]), all_reduce=world > 1)
+        step_fn = GraphedStep(optimizer, lambda b: loss_of(b["input_ids"]), all_reduce=world > 1)
         step = lambda ids: step_fn({"input_ids": ids})  # noqa: E731
     else:
         ddp = accelerator.prepare(_LossOf(model, loss_of))

@@ -135,7 +135,7 @@ def run_one(run: str, folder: str, tiny: bool, gc: bool, steps: int, warmup: int
     config = LLAMA_TINY if tiny else LLAMA_1B
     batch, seq = (2, 32) if tiny else (4, 1024)
     data = [ids.to(device) for ids in training_batches(config["vocab_size"], batch, seq, steps)]
-    graphed_step = GraphedStep(model, optimizer, lambda b: loss_of(b["input_ids"]), enabled=graphed)
+    graphed_step = GraphedStep(optimizer, lambda b: loss_of(b["input_ids"]), enabled=graphed)
 
     def step(ids: torch.Tensor) -> torch.Tensor:
         return graphed_step({"input_ids": ids}).clone()

@@ -33,7 +33,7 @@ def _lora_model(device: str, dtype: torch.dtype, quantized: bool = False):
 def _train(wrapped, batches, graphed: bool, device: str) -> tuple[list[float], list[torch.Tensor]]:
     optimizer = torch.optim.AdamW(wrapped.trainable_parameters(), lr=1e-2, capturable=device == "cuda")
     loss_fn = lambda batch: causal_lm_loss(wrapped.base_model, batch["input_ids"], chunk_size=8)  # noqa: E731
-    step = GraphedStep(wrapped, optimizer, loss_fn, warmup=2, enabled=graphed)
+    step = GraphedStep(optimizer, loss_fn, warmup=2, enabled=graphed)
     losses = [step(batch).item() for batch in batches]
     return losses, [p.detach().clone() for p in wrapped.trainable_parameters()], step
 
@@ -62,7 +62,7 @@ def test_bad_settings_are_refused():
     wrapped = _lora_model("cpu", torch.float32)
     optimizer = torch.optim.AdamW(wrapped.trainable_parameters(), lr=1e-3)
     with pytest.raises(ConfigError, match="warmup is 0"):
-        GraphedStep(wrapped, optimizer, lambda batch: batch["x"].sum(), warmup=0)
+        GraphedStep(optimizer, lambda batch: batch["x"].sum(), warmup=0)
 
 
 @pytest.mark.gpu
@@ -70,7 +70,7 @@ def test_an_optimizer_that_cannot_be_captured_is_refused():
     wrapped = _lora_model("cuda", torch.bfloat16)
     optimizer = torch.optim.AdamW(wrapped.trainable_parameters(), lr=1e-3)
     with pytest.raises(ConfigError, match="capturable=True"):
-        GraphedStep(wrapped, optimizer, lambda batch: batch["x"].sum())
+        GraphedStep(optimizer, lambda batch: batch["x"].sum())
 
 
 @pytest.mark.gpu
@@ -91,7 +91,7 @@ def test_eager_forward_between_replays_sees_the_updated_adapter():
     wrapped = _lora_model("cuda", torch.bfloat16)
     batches = _batches(5, "cuda")
     optimizer = torch.optim.AdamW(wrapped.trainable_parameters(), lr=1e-2, capturable=True)
-    step = GraphedStep(wrapped, optimizer, lambda b: causal_lm_loss(wrapped.base_model, b["input_ids"]), warmup=1)
+    step = GraphedStep(optimizer, lambda b: causal_lm_loss(wrapped.base_model, b["input_ids"]), warmup=1)
     for batch in batches:
         step(batch)
     with torch.no_grad():
@@ -108,7 +108,7 @@ def _data_parallel_worker(rank: int, world: int, port: int, out_dir: str) -> Non
     try:
         wrapped = _lora_model("cpu", torch.float32)
         optimizer = torch.optim.AdamW(wrapped.trainable_parameters(), lr=1e-2)
-        step = GraphedStep(wrapped, optimizer, lambda b: causal_lm_loss(wrapped.base_model, b["input_ids"]),
+        step = GraphedStep(optimizer, lambda b: causal_lm_loss(wrapped.base_model, b["input_ids"]),
                            all_reduce=True)
         for batch in _batches(3, "cpu"):
             step({"input_ids": batch["input_ids"][rank:rank + 1]})  # this rank's half of the batch
@@ -122,7 +122,7 @@ def test_all_reduce_trains_two_ranks_like_one_process_on_the_whole_batch(tmp_pat
     mp.spawn(_data_parallel_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     wrapped = _lora_model("cpu", torch.float32)
     optimizer = torch.optim.AdamW(wrapped.trainable_parameters(), lr=1e-2)
-    step = GraphedStep(wrapped, optimizer, lambda b: causal_lm_loss(wrapped.base_model, b["input_ids"]))
+    step = GraphedStep(optimizer, lambda b: causal_lm_loss(wrapped.base_model, b["input_ids"]))
     for batch in _batches(3, "cpu"):
         step(batch)
     ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]
@@ -137,4 +137,4 @@ def test_all_reduce_without_a_process_group_is_refused():
     wrapped = _lora_model("cpu", torch.float32)
     optimizer = torch.optim.AdamW(wrapped.trainable_parameters(), lr=1e-3)
     with pytest.raises(ConfigError, match="process group"):
-        GraphedStep(wrapped, optimizer, lambda batch: batch["x"].sum(), all_reduce=True)
+        GraphedStep(optimizer, lambda batch: batch["x"].sum(), all_reduce=True)

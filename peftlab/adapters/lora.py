@@ -34,8 +34,7 @@ from .base import (
 )
 from .bias import BiasOffsets, bias_on_last_dim
 from .copies import TrainableCopies, resolve_copies
-from . import lora_term
-from .lora_term import LoraTerm
+from .lora_term import LoraTerm, generation
 
 FORMAT_VERSION = 1
 PEFT_PREFIX = "base_model.model."
@@ -132,7 +131,7 @@ class LoraWeights(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=torch.float32))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
-        self._cast: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None  # inference copies in the activation dtype
+        self._cast: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None  # 16-bit copies of A and s·B, see _weights
         with torch.no_grad():
             if init == "gaussian":
                 nn.init.normal_(self.lora_A, std=1 / r)
@@ -146,7 +145,7 @@ class LoraWeights(nn.Module):
         fp32 weights may have changed (see ``lora_term``), not on every forward."""
         a, b = self.lora_A, self.lora_B
         key = (dtype, a._version, b._version, a.data_ptr(), b.data_ptr(), torch.is_inference_mode_enabled(),
-               lora_term.generation())
+               generation())
         if self._cast is None or self._cast[0] != key:
             with torch.no_grad():
                 self._cast = (key, (a.to(dtype), (b * self.scaling).to(dtype)))

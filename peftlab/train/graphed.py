@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torch import nn
 
 from ..adapters.lora_term import weights_changed
 from ..errors import ConfigError
@@ -37,7 +36,6 @@ class GraphedStep:
     """``step(batch) -> loss``: one optimizer step on ``batch``, captured as a CUDA graph after warm-up.
 
     Args:
-        model: the model being trained.
         optimizer: a torch optimizer created with ``capturable=True`` (e.g. ``AdamW(..., fused=True,
             capturable=True)``); its gradients are set to None before the capture.
         loss_fn: ``loss_fn(batch) -> scalar loss tensor``, with no host synchronisation inside
@@ -54,10 +52,10 @@ class GraphedStep:
     where ``enabled=False``, every step runs eagerly.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable[[Batch], torch.Tensor],
-                 *, warmup: int = 3, max_grad_norm: float | None = None, all_reduce: bool = False,
-                 enabled: bool = True):
-        on_cuda = any(p.is_cuda for group in optimizer.param_groups for p in group["params"])
+    def __init__(self, optimizer: torch.optim.Optimizer, loss_fn: Callable[[Batch], torch.Tensor], *,
+                 warmup: int = 3, max_grad_norm: float | None = None, all_reduce: bool = False, enabled: bool = True):
+        self._params = [p for group in optimizer.param_groups for p in group["params"]]
+        on_cuda = any(p.is_cuda for p in self._params)
         for group in optimizer.param_groups:
             if enabled and on_cuda and "capturable" in group and not group["capturable"]:
                 raise ConfigError(f"GraphedStep needs an optimizer created with capturable=True; "
@@ -67,9 +65,8 @@ class GraphedStep:
                               "(start the script with accelerate launch or torchrun).")
         if warmup < 1:
             raise ConfigError(f"GraphedStep warmup is {warmup}; it must be at least 1 eager step.")
-        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.optimizer, self.loss_fn = optimizer, loss_fn
         self.warmup, self.max_grad_norm, self.all_reduce, self.enabled = warmup, max_grad_norm, all_reduce, enabled
-        self._params = [p for group in optimizer.param_groups for p in group["params"]]
         self._eager_steps: dict[tuple, int] = {}
         self._graphs: dict[tuple, _Graph] = {}
         self._pool = None

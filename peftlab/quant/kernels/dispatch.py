@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import nf4
+from .weights import NF4Weight
 
 
 class Backend(NamedTuple):
@@ -123,9 +124,7 @@ def _kernel_weight(layer):
     Building and checking the view takes longer than launching a kernel, and a training step
     asks for it three times per layer.
     """
-    from .weights import NF4Weight
-
-    tensors = (layer.weight, layer.absmax, layer.quant_map, layer.nested_absmax)
+    tensors = (layer.weight, layer.absmax, layer.quant_map, layer.nested_absmax, layer.nested_quant_map)
     key = tuple(None if t is None else (t.data_ptr(), t.device) for t in tensors) + (layer.offset,)
     cached = layer.__dict__.get("_nf4_kernel_weight")
     if cached is None or cached[0] != key:
