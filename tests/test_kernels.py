@@ -160,3 +160,31 @@ else:
             nf4_matmul(torch.randn(2, 99), packed, state)
         with pytest.raises(NF4KernelError, match="bytes"):
             nf4_matmul(x, packed[:-1], state)
+
+    @pytest.mark.parametrize("fuse_down", [True, False])
+    @pytest.mark.parametrize("m,r,bias", [(1, 16, True), (21, 4, False), (40, 20, True)])
+    def test_fused_lora_linear_matches_fp64(fuse_down, m, r, bias):
+        from peftlab.quant.kernels.lora_linear import lora_linear
+
+        g = torch.Generator().manual_seed(m + r)
+        n, k = 48, 96  # K is not a multiple of BK: the masked tail runs
+        x, w = torch.randn(m, k, generator=g).half(), (torch.randn(n, k, generator=g) / 8).half()
+        a, b = (torch.randn(r, k, generator=g) / 8).half(), (torch.randn(n, r, generator=g) / 4).half()
+        bvec = torch.randn(n, generator=g).half() if bias else None
+        config = {"BM": 16, "BN": 32, "BK": 64, "GROUP_M": 2, "FUSE_DOWN": fuse_down, "num_warps": 4, "num_stages": 2}
+        out = lora_linear(x, w, bvec, a, b, config)
+        h = (x.double() @ a.double().t()).half().double()  # the kernel rounds h like a 16-bit GEMM output
+        ref = x.double() @ w.double().t() + h @ b.double().t() + (bvec.double() if bias else 0)
+        assert out.shape == (m, n) and out.dtype == torch.float16
+        assert ((out.double() - ref).norm() / ref.norm()).item() < 2e-3
+
+    def test_lora_add_matches_fp64():
+        from peftlab.quant.kernels.lora_linear import lora_add
+
+        g = torch.Generator().manual_seed(3)
+        out, h, b = torch.randn(37, 50, generator=g).half(), torch.randn(37, 6, generator=g).half(), \
+            torch.randn(50, 6, generator=g).half()
+        ref = out.double() + h.double() @ b.double().t()
+        result = lora_add(out, h, b, {"BM": 16, "BN": 32, "num_warps": 4})
+        assert result is out  # in place
+        assert ((out.double() - ref).norm() / ref.norm()).item() < 2e-3

@@ -40,6 +40,7 @@ FORMAT_VERSION = 1
 PEFT_PREFIX = "base_model.model."
 INITS = ("kaiming", "gaussian", "random")
 BIAS_MODES = ("none", "all", "lora_only")
+_FUSED_DTYPES = (torch.bfloat16, torch.float16)
 
 
 @dataclass
@@ -163,8 +164,39 @@ class LoraWeights(nn.Module):
             return LoraTerm.apply(x, out, a, b, a16, b16, self.scaling)
         # No autograd graph: add into the base output in place (it is a fresh tensor of the base layer).
         h = F.linear(x, a16)
-        out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), b16.t())
+        out2, h2 = out.view(-1, out.shape[-1]), h.view(-1, h.shape[-1])
+        kind, config = _inference_plan(x, *out2.shape)
+        if kind == "add":
+            from ..quant.kernels.lora_linear import lora_add
+
+            lora_add(out2, h2, b16, config)
+        else:
+            out2.addmm_(h2, b16.t())
         return out
+
+    def fused_forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """``module(x)`` plus this term in one Triton kernel, or None where that path does not apply.
+
+        It applies without autograd, to a plain ``nn.Linear`` on CUDA in bf16/fp16, at the shapes
+        where ``tuning.LORA_FORWARD`` measured it fastest.
+        """
+        weight, bias = module.weight, module.bias
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, self.lora_A, self.lora_B)):
+            return None  # checked first: training declines here, at the least host cost
+        if (type(module) is not nn.Linear or weight.dtype != x.dtype or weight.stride(-1) != 1
+                or (bias is not None and bias.dtype != x.dtype)):
+            return None
+        if self.dropout is not None and self.dropout.training:
+            return None
+        x2 = x.reshape(-1, x.shape[-1])
+        kind, config = _inference_plan(x, x2.shape[0], weight.shape[0])
+        if kind != "fused":
+            return None
+        from ..quant.kernels.lora_linear import lora_linear
+
+        a16, b16 = self._weights(x.dtype)
+        out = lora_linear(x2 if x2.stride(-1) == 1 else x2.contiguous(), weight, bias, a16, b16, config)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     def delta(self) -> torch.Tensor:
         """The fp32 weight update, in the layout of the base layer's weight."""
@@ -208,7 +240,9 @@ class Lora(Adapter):
             weights = LoraWeights(in_f, out_f, cfg.rank_for(path), cfg.scaling_for(path), cfg.dropout,
                                   self._fan_in_fan_out(module, path), cfg.init, _device_of(module))
             self.layers[module_key(path)] = weights
-            sites.add_update(module, path, self, weights.update)
+            update = weights.update  # one bound method: the site recognises the update it fused by identity
+            sites.add_update(module, path, self, update)
+            sites.add_fused_forward(module, self, update, weights.fused_forward)
         for path in self._bias_paths(model, targets):
             self.biases.add(model, path, self)
 
@@ -358,6 +392,24 @@ class Lora(Adapter):
 
 
 # --- helpers ---------------------------------------------------------------------------------
+def _inference_plan(x: torch.Tensor, tokens: int, n: int) -> tuple[str, dict | None]:
+    """How the no-autograd LoRA term runs for input ``x [..., k]`` and ``n`` output features:
+    ``"fused"``/``"add"`` (Triton, see ``tuning.LORA_FORWARD``) or ``"separate"`` (plain GEMMs)."""
+    if x.device.type != "cuda" or x.dtype not in _FUSED_DTYPES:
+        return "separate", None
+    from ..quant.kernels.dispatch import triton_cuda_available
+    from ..quant.kernels.tuning import lora_plan
+
+    if not triton_cuda_available():
+        return "separate", None
+    kind, config = lora_plan(tokens, n, x.shape[-1])
+    if kind == "add" and not torch.cuda.is_current_stream_capturing():
+        # "add" saves GPU time but not launches, and a Triton launch costs the host more than a
+        # cuBLAS one: eagerly run forwards are host-bound there (benchmarks/NOTES-e2e.md, §6).
+        return "separate", None
+    return kind, config
+
+
 def _device_of(module: nn.Module) -> torch.device:
     for tensor in module.parameters(recurse=False):
         return tensor.device

@@ -8,10 +8,17 @@ Contributions run in a fixed order whatever order adapters were added in:
   3. output transforms (bottleneck adapters, applied after every update).
 The hooks are registered only while some contribution is live (``refresh``), so a module whose
 adapters are all merged or switched off runs at exactly its base speed.
+
+An update may also offer a fused forward (LoRA's one-kernel inference path): while it is live,
+the site stands in for the module's ``forward`` on that instance; each call either computes base
+output plus term at once (and the after-hook skips that update) or, when the fused path does not
+apply (training, CPU, ...), runs the module's own forward. A module whose ``forward`` someone else
+already replaced on the instance (accelerate's offload hooks) keeps it and takes the plain path.
 """
 from __future__ import annotations
 
 import copy
+import functools
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -24,6 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 Update = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (module input, output) -> output + term
 Transform = Callable[[torch.Tensor], torch.Tensor]  # module output -> new output
+FusedForward = Callable[[nn.Module, torch.Tensor], "torch.Tensor | None"]  # (module, input) -> output or None
 
 _ATTR = "_peftlab_site"
 
@@ -36,7 +44,9 @@ class Site:
         self.updates: list[tuple[Adapter, Update]] = []
         self.transforms: list[tuple[Adapter, Transform]] = []
         self.swaps: list[tuple[Adapter, dict[str, nn.Parameter]]] = []
+        self.fused: list[tuple[Adapter, Update, FusedForward]] = []
         self._stash: dict[str, nn.Parameter] | None = None
+        self._fused_by: Update | None = None  # the update whose term the running forward already added
         self._pre = None
         self._post = None
 
@@ -59,12 +69,26 @@ class Site:
             module._parameters.update(self._stash)
             self._stash = None
 
+    def _forward(self, module: nn.Module, *args, **kwargs):
+        """Stands in for ``module.forward`` while a fused update is live (see the module docstring)."""
+        self._fused_by = None
+        if len(args) == 1 and not kwargs:
+            for adapter, update, fused in self.fused:
+                if adapter.live:
+                    output = fused(module, args[0])
+                    if output is not None:
+                        self._fused_by = update
+                        return output
+                    break
+        return type(module).forward(module, *args, **kwargs)
+
     def _after(self, module: nn.Module, args, kwargs, output):
         self._restore(module)
+        done, self._fused_by = self._fused_by, None
         if self.updates:
             x = args[0] if args else next(iter(kwargs.values()))
             for adapter, update in self.updates:
-                if adapter.live:
+                if adapter.live and update is not done:
                     output = update(x, output)
         for adapter, transform in self.transforms:
             if adapter.live:
@@ -85,6 +109,15 @@ class Site:
         elif not needs_pre and self._pre is not None:
             self._pre.remove()
             self._pre = None
+        self._refresh_forward(module, live and any(adapter.live for adapter, _, _ in self.fused))
+
+    def _refresh_forward(self, module: nn.Module, wanted: bool) -> None:
+        current = module.__dict__.get("forward")
+        ours = _is_site_forward(current)
+        if wanted and current is None:
+            module.forward = functools.partial(self._forward, module)
+        elif not wanted and ours:
+            del module.forward
 
     def empty(self) -> bool:
         return not (self.updates or self.transforms or self.swaps)
@@ -112,6 +145,17 @@ def add_update(module: nn.Module, name: str, adapter: Adapter, update: Update) -
     site_of(module, name).updates.append((adapter, update))
 
 
+def add_fused_forward(module: nn.Module, adapter: Adapter, update: Update, fused: FusedForward) -> None:
+    """Offer ``fused(module, x)`` -> base output plus ``update``'s term (or None to decline) for that update."""
+    site = module.__dict__[_ATTR]
+    site.fused.append((adapter, update, fused))
+
+
+def _is_site_forward(forward) -> bool:
+    method = getattr(forward, "func", None)
+    return isinstance(getattr(method, "__self__", None), Site) and method.__func__ is Site._forward
+
+
 def add_transform(module: nn.Module, name: str, adapter: Adapter, transform: Transform) -> None:
     """Replace the module's output by ``transform(output)`` while ``adapter`` is live."""
     site_of(module, name).transforms.append((adapter, transform))
@@ -130,6 +174,7 @@ def detach(module: nn.Module, adapter: Adapter) -> None:
     site.updates = [(a, f) for a, f in site.updates if a is not adapter]
     site.transforms = [(a, f) for a, f in site.transforms if a is not adapter]
     site.swaps = [(a, p) for a, p in site.swaps if a is not adapter]
+    site.fused = [entry for entry in site.fused if entry[0] is not adapter]
     site.refresh(module)
     if site.empty():
         del module.__dict__[_ATTR]
@@ -148,6 +193,8 @@ def clone_without_sites(module: nn.Module) -> nn.Module:
         site = sub.__dict__.pop(_ATTR, None)
         if site is None:
             continue
+        if _is_site_forward(sub.__dict__.get("forward")):
+            del sub.forward
         for hooks in (sub._forward_hooks, sub._forward_pre_hooks):
             for key in [k for k, hook in hooks.items() if getattr(hook, "__self__", None) is site]:
                 del hooks[key]

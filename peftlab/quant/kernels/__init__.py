@@ -1,4 +1,5 @@
-"""Triton NF4 kernels: dequantize, small-batch GEMV, tiled GEMM, input-gradient matmul.
+"""Triton kernels: NF4 dequantize, small-batch GEMV, tiled GEMM, input-gradient matmul; LoRA
+inference (``lora_linear``: base and low-rank term in one kernel, ``lora_add``: the term in one pass).
 
 The entry points load lazily, so importing this package (the dispatcher lives here) never
 imports Triton: CPU-only use stays light, and without Triton ``TRITON_AVAILABLE`` is False

@@ -51,23 +51,38 @@ def nf4_pairs(code_ptr, packed):
 
 
 @triton.jit
-def block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, block, mask, NESTED: tl.constexpr):
-    """fp32 absmax of the quantization blocks ``block``; decodes double quantization when NESTED.
-
-    Nested decode is ``nested_code[q] * nested_absmax[block // 256] + offset`` (bitsandbytes' order).
-    """
+def scale_bytes(absmax_ptr, nested_absmax_ptr, block, mask, NESTED: tl.constexpr):
+    """The raw loads behind ``block_scales``: (absmax entries, second-level scales when NESTED)."""
     if NESTED:
-        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-        scale = tl.load(nested_code_ptr + q) * tl.load(nested_absmax_ptr + (block >> 8), mask=mask, other=0.0)
-        scale = tl.where(mask, scale + offset, 0.0)
+        q = tl.load(absmax_ptr + block, mask=mask, other=0)
+        outer = tl.load(nested_absmax_ptr + (block >> 8), mask=mask, other=0.0)
     else:
-        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+        q = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+        outer = q
+    return q, outer
+
+
+@triton.jit
+def decode_scales(nested_code_ptr, offset, q, outer, mask, NESTED: tl.constexpr):
+    """fp32 absmax from ``scale_bytes``' loads; nested decode is ``nested_code[q] * outer + offset``
+    (bitsandbytes' order)."""
+    if NESTED:
+        scale = tl.where(mask, tl.load(nested_code_ptr + q.to(tl.int32)) * outer + offset, 0.0)
+    else:
+        scale = q
     return scale
 
 
 @triton.jit
-def nf4_codes(packed_ptr, code_ptr, block, mask, BS: tl.constexpr, VEC: tl.constexpr = 16):
-    """Unscaled codebook values of whole blocks: ``block`` [R, NB] -> fp32 [R, NB, BS].
+def block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, block, mask, NESTED: tl.constexpr):
+    """fp32 absmax of the quantization blocks ``block``; decodes double quantization when NESTED."""
+    q, outer = scale_bytes(absmax_ptr, nested_absmax_ptr, block, mask, NESTED)
+    return decode_scales(nested_code_ptr, offset, q, outer, mask, NESTED)
+
+
+@triton.jit
+def nf4_bytes(packed_ptr, block, mask, BS: tl.constexpr, VEC: tl.constexpr = 16):
+    """Packed bytes of whole blocks: ``block`` [R, NB] -> uint8 [R, NB, BS/2].
 
     Each block's BS/2 bytes are contiguous; the high nibble of byte j is element 2j.
     ``VEC`` caps the bytes one load instruction reads: 4 bytes decode to 8 values, which is
@@ -77,8 +92,20 @@ def nf4_codes(packed_ptr, code_ptr, block, mask, BS: tl.constexpr, VEC: tl.const
     j = tl.arange(0, HB)
     j = j // VEC * VEC + j % VEC  # same offsets; tells the compiler only VEC bytes are contiguous
     byte = block.to(tl.int64)[:, :, None] * HB + j[None, None, :]
-    hi, lo = nf4_pairs(code_ptr, tl.load(packed_ptr + byte, mask=mask[:, :, None], other=0))
-    return tl.reshape(tl.join(hi, lo), (block.shape[0], block.shape[1], BS))
+    return tl.load(packed_ptr + byte, mask=mask[:, :, None], other=0)
+
+
+@triton.jit
+def decode_codes(code_ptr, packed, BS: tl.constexpr):
+    """Unscaled codebook values of ``nf4_bytes``' tile -> fp32 [R, NB, BS]."""
+    hi, lo = nf4_pairs(code_ptr, packed)
+    return tl.reshape(tl.join(hi, lo), (packed.shape[0], packed.shape[1], BS))
+
+
+@triton.jit
+def nf4_codes(packed_ptr, code_ptr, block, mask, BS: tl.constexpr, VEC: tl.constexpr = 16):
+    """Unscaled codebook values of whole blocks: ``block`` [R, NB] -> fp32 [R, NB, BS]."""
+    return decode_codes(code_ptr, nf4_bytes(packed_ptr, block, mask, BS, VEC), BS)
 
 
 @triton.jit

@@ -19,7 +19,14 @@ import torch
 import triton
 import triton.language as tl
 
-from peftlab.quant.kernels.decode import block_scales, nf4_codes
+from peftlab.quant.kernels.decode import (
+    block_scales,
+    decode_codes,
+    decode_scales,
+    nf4_bytes,
+    nf4_codes,
+    scale_bytes,
+)
 from peftlab.quant.kernels.gemm import finish_split_k
 from peftlab.quant.kernels.weights import NF4KernelError, NF4Weight
 
@@ -72,14 +79,21 @@ def gemv(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, config: 
 
 
 @triton.jit
-def _row_dot(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, row, cols, x, k_blocks,
-             BS: tl.constexpr, VEC: tl.constexpr, NESTED: tl.constexpr):
-    """Σ over the blocks ``cols`` [KP] of weight row ``row``: dequantized weight · ``x`` [1, KP, BS]."""
+def _row_fetch(packed_ptr, absmax_ptr, nested_absmax_ptr, row, cols, k_blocks,
+               BS: tl.constexpr, VEC: tl.constexpr, NESTED: tl.constexpr):
+    """The loads for weight row ``row`` over the blocks ``cols``: packed bytes, scale loads."""
     mask = (cols < k_blocks)[None, :]
     block = row * k_blocks + cols[None, :]
-    codes = nf4_codes(packed_ptr, code_ptr, block, mask, BS, VEC)
-    scale = block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, block, mask, NESTED)
-    return tl.sum(tl.sum(tl.sum(codes * x, axis=2) * scale, axis=1), axis=0)
+    q, outer = scale_bytes(absmax_ptr, nested_absmax_ptr, block, mask, NESTED)
+    return nf4_bytes(packed_ptr, block, mask, BS, VEC), q, outer
+
+
+@triton.jit
+def _row_dot(code_ptr, nested_code_ptr, offset, packed, q, outer, cols, x, k_blocks,
+             BS: tl.constexpr, NESTED: tl.constexpr):
+    """Σ over one row's fetched blocks: dequantized weight · ``x`` [1, KP, BS]."""
+    scale = decode_scales(nested_code_ptr, offset, q, outer, (cols < k_blocks)[None, :], NESTED)
+    return tl.sum(tl.sum(tl.sum(decode_codes(code_ptr, packed, BS) * x, axis=2) * scale, axis=1), axis=0)
 
 
 @triton.jit
@@ -92,19 +106,32 @@ def _load_x(x_ptr, cols, k_blocks, BS: tl.constexpr):
 @triton.jit(do_not_specialize=["N", "k_blocks"])
 def _row_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, bias_ptr,
                 out_ptr, N, k_blocks, BS: tl.constexpr, CHUNK: tl.constexpr, VEC: tl.constexpr,
-                HAS_BIAS: tl.constexpr, NESTED: tl.constexpr):
+                HAS_BIAS: tl.constexpr, NESTED: tl.constexpr, PREFETCH: tl.constexpr):
     # Grid axis 1 splits K into chunks of CHUNK blocks, so a long row still fits in registers;
     # each chunk writes its own fp32 partial row of ``out`` (summed afterwards) unless there is one.
+    # PREFETCH issues the loads of a program's next row before its current row is decoded, so two
+    # rows per program are in flight and decoding overlaps the memory latency instead of following it.
     chunk = tl.program_id(1)
+    step = tl.num_programs(0)
     cols = chunk * CHUNK + tl.arange(0, CHUNK)
     x = _load_x(x_ptr, cols, k_blocks, BS)
     target = out_ptr + chunk.to(tl.int64) * N
-    for row in range(tl.program_id(0), N, tl.num_programs(0)):
-        y = _row_dot(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, row, cols, x,
-                     k_blocks, BS, VEC, NESTED)
+    row = tl.program_id(0)
+    packed, q, outer = _row_fetch(packed_ptr, absmax_ptr, nested_absmax_ptr, row, cols, k_blocks, BS, VEC, NESTED)
+    for _ in range(row, N, step):
+        # The last fetch of a program re-reads a valid row (clamped) rather than branching.
+        ahead = tl.minimum(row + step, N - 1)
+        if PREFETCH:
+            packed_ahead, q_ahead, outer_ahead = _row_fetch(packed_ptr, absmax_ptr, nested_absmax_ptr, ahead, cols,
+                                                            k_blocks, BS, VEC, NESTED)
+        y = _row_dot(code_ptr, nested_code_ptr, offset, packed, q, outer, cols, x, k_blocks, BS, NESTED)
         if HAS_BIAS:
             y += tl.load(bias_ptr + row).to(tl.float32)
         tl.store(target + row, y.to(target.dtype.element_ty))
+        if not PREFETCH:
+            packed_ahead, q_ahead, outer_ahead = _row_fetch(packed_ptr, absmax_ptr, nested_absmax_ptr, ahead, cols,
+                                                            k_blocks, BS, VEC, NESTED)
+        packed, q, outer, row = packed_ahead, q_ahead, outer_ahead, row + step
 
 
 def _sm_count(device: torch.device) -> int:
@@ -116,7 +143,8 @@ def gemv_row(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, conf
 
     ``config``: ``PROGRAMS_PER_SM``, ``CHUNK_BLOCKS`` (quantization blocks of K one program keeps
     in registers; longer rows are split and their partial sums added), ``VEC`` packed bytes per
-    load, ``num_warps`` (see ``tuning``).
+    load, ``PREFETCH`` (default True: fetch the next row while decoding this one), ``num_warps``
+    (see ``tuning``).
     """
     if x.shape[0] != 1:
         raise NF4KernelError(f"gemv_row takes one activation row, got {x.shape[0]}.")
@@ -128,5 +156,6 @@ def gemv_row(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, conf
     _row_kernel[(programs, split)](
         x, weight.packed, weight.code, *weight.scale_args(), bias if bias is not None else x, target,
         weight.n, weight.k_blocks, BS=weight.blocksize, CHUNK=chunk, VEC=config.get("VEC", 16),
-        HAS_BIAS=bias is not None and split == 1, NESTED=weight.nested, num_warps=config["num_warps"])
+        HAS_BIAS=bias is not None and split == 1, NESTED=weight.nested, PREFETCH=config.get("PREFETCH", True),
+        num_warps=config["num_warps"])
     return out if split == 1 else finish_split_k(target, bias, out, split)

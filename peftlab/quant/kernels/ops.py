@@ -28,7 +28,7 @@ def _as_rows(t: torch.Tensor, width: int, name: str, weight: NF4Weight) -> torch
     return rows if rows.stride(-1) == 1 or width == 1 else rows.contiguous()
 
 
-def _on(device: torch.device):
+def launch_device(device: torch.device):
     """Makes ``device`` current while kernels launch (Triton launches on the current GPU)."""
     if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
         return contextlib.nullcontext()
@@ -51,7 +51,7 @@ def matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = None)
     if bias is not None:
         bias = bias.to(device=x.device, dtype=x.dtype).contiguous()
     kind, config = forward_plan(x2.shape[0], weight.n, weight.k, weight.blocksize, x.dtype)
-    with _on(x.device):
+    with launch_device(x.device):
         if x2.shape[0] == 0:
             out = x2.new_empty(0, weight.n)
         elif kind == "gemv1" and weight.row_aligned:
@@ -78,7 +78,7 @@ def matmul_grad_input(grad_out: torch.Tensor, weight: NF4Weight) -> torch.Tensor
     """:func:`nf4_matmul_grad_input` on an already checked weight view."""
     g2 = _as_rows(grad_out, weight.n, "grad_out", weight)
     kind, config = grad_input_plan(g2.shape[0], weight.n, weight.k, weight.blocksize, grad_out.dtype)
-    with _on(grad_out.device):
+    with launch_device(grad_out.device):
         if g2.shape[0] == 0:
             out = g2.new_empty(0, weight.k)
         elif kind == "fused" and weight.row_aligned:
@@ -94,5 +94,5 @@ def nf4_dequantize(packed: torch.Tensor, state: Any, dtype: torch.dtype | None =
     dtype = dtype or getattr(state, "dtype", None) or torch.bfloat16
     if dtype not in _DTYPES:
         raise NF4KernelError(f"dequantize dtype must be bfloat16, float16 or float32, got {dtype}.")
-    with _on(weight.device):
+    with launch_device(weight.device):
         return dequantize(weight, dtype)

@@ -3,7 +3,8 @@
 ``FORWARD`` and ``BACKWARD`` hold, for each weight shape ``(N, K)`` and number of activation
 rows ``M`` that ``python benchmarks/kernels.py --sweep`` measured on an H100 (bf16, blocksize
 64, double quantization; see the ``best_forward``/``best_backward`` entries of
-``benchmarks/results/kernels-h100.json``), the fastest kernel and config. Other shapes use the
+``benchmarks/results/kernels-h100.json``; the M=1 rows come from a later sweep of the one-row
+GEMV with next-row prefetch, ``kernels-gemv-prefetch-h100.json``), the fastest kernel and config. Other shapes use the
 nearest measured shape (in log N, log K) and other M the nearest measured M (in log M, ties
 going to the larger M). Kinds: ``gemv1`` (persistent one-row GEMV), ``gemv`` (CUDA-core GEMV),
 ``fused`` (dequantize tiles into ``tl.dot``), ``chunked`` (dequantize into a scratch buffer +
@@ -21,7 +22,7 @@ DEQUANT_CONFIG = {"elems_per_program": 2048, "num_warps": 4, "flat_block": 1024}
 
 FORWARD = {
     (4096, 4096): {
-        1: ('gemv1', {'PROGRAMS_PER_SM': 8, 'CHUNK_BLOCKS': 64, 'VEC': 16, 'num_warps': 4}),  # 9.1 us
+        1: ('gemv1', {'PROGRAMS_PER_SM': 6, 'CHUNK_BLOCKS': 64, 'VEC': 16, 'PREFETCH': True, 'num_warps': 4}),  # 9.4 us
         4: ('fused', {'BM': 16, 'BN': 64, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': True, 'num_warps': 4, 'num_stages': 3}),  # 14.8 us
         16: ('fused', {'BM': 16, 'BN': 64, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': True, 'num_warps': 4, 'num_stages': 3}),  # 14.9 us
         64: ('fused', {'BM': 64, 'BN': 128, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 20.6 us
@@ -30,7 +31,7 @@ FORWARD = {
         4096: ('chunked', None),  # 201.2 us
     },
     (4096, 11008): {
-        1: ('gemv1', {'PROGRAMS_PER_SM': 8, 'CHUNK_BLOCKS': 64, 'VEC': 16, 'num_warps': 4}),  # 21.0 us
+        1: ('gemv1', {'PROGRAMS_PER_SM': 6, 'CHUNK_BLOCKS': 64, 'VEC': 16, 'PREFETCH': True, 'num_warps': 4}),  # 23.4 us
         4: ('fused', {'BM': 16, 'BN': 64, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': True, 'num_warps': 4, 'num_stages': 3}),  # 31.9 us
         16: ('fused', {'BM': 16, 'BN': 64, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': True, 'num_warps': 4, 'num_stages': 3}),  # 31.6 us
         64: ('fused', {'BM': 64, 'BN': 128, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 44.6 us
@@ -39,7 +40,7 @@ FORWARD = {
         4096: ('chunked', None),  # 554.6 us
     },
     (11008, 4096): {
-        1: ('gemv1', {'PROGRAMS_PER_SM': 8, 'CHUNK_BLOCKS': 64, 'VEC': 16, 'num_warps': 4}),  # 18.4 us
+        1: ('gemv1', {'PROGRAMS_PER_SM': 6, 'CHUNK_BLOCKS': 64, 'VEC': 16, 'PREFETCH': True, 'num_warps': 4}),  # 20.2 us
         4: ('fused', {'BM': 16, 'BN': 128, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': True, 'num_warps': 4, 'num_stages': 3}),  # 32.7 us
         16: ('fused', {'BM': 16, 'BN': 128, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': True, 'num_warps': 4, 'num_stages': 3}),  # 32.8 us
         64: ('fused', {'BM': 64, 'BN': 64, 'BK': 128, 'SPLIT_K': 2, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 45.7 us
@@ -48,7 +49,7 @@ FORWARD = {
         4096: ('chunked', 33554432),  # 511.6 us
     },
     (14336, 4096): {
-        1: ('gemv1', {'PROGRAMS_PER_SM': 8, 'CHUNK_BLOCKS': 64, 'VEC': 16, 'num_warps': 4}),  # 22.7 us
+        1: ('gemv1', {'PROGRAMS_PER_SM': 6, 'CHUNK_BLOCKS': 64, 'VEC': 16, 'PREFETCH': True, 'num_warps': 4}),  # 25.2 us
         4: ('fused', {'BM': 16, 'BN': 64, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': True, 'num_warps': 4, 'num_stages': 3}),  # 38.5 us
         16: ('fused', {'BM': 16, 'BN': 64, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': True, 'num_warps': 4, 'num_stages': 3}),  # 39.3 us
         64: ('fused', {'BM': 64, 'BN': 128, 'BK': 128, 'SPLIT_K': 2, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 46.0 us
@@ -97,6 +98,54 @@ BACKWARD = {
     },
 }
 
+def _lora(bm, bn, bk, warps, stages, fuse_down, group_m=8):
+    return {"BM": bm, "BN": bn, "BK": bk, "GROUP_M": group_m, "FUSE_DOWN": fuse_down, "num_warps": warps,
+            "num_stages": stages}
+
+
+def _lora_fused(bm: int, bn: int, bk: int, stages: int) -> dict:
+    return _lora(bm, bn, bk, 4, stages, True)
+
+
+def _lora_add(bm: int, bn: int) -> dict:
+    return {"BM": bm, "BN": bn, "num_warps": 4}
+
+
+# An adapted linear layer at inference, per base weight shape (N, K) and token count M, from
+# ``python benchmarks/lora_linear.py --sweep`` on an H100 (bf16, r=16): ``("fused", config)`` runs
+# ``lora_linear`` (base and LoRA in one kernel), ``("add", config)`` the base GEMM and ``h`` on
+# cuBLAS and ``lora_add`` for the output, ``("separate", None)`` three cuBLAS GEMMs.
+LORA_FORWARD: dict[tuple[int, int], dict[int, tuple[str, dict | None]]] = {
+    (256, 2048): {
+        1: ("fused", _lora_fused(16, 16, 256, 3)),  # 7.3 us vs 12.1
+        16: ("fused", _lora_fused(16, 16, 256, 3)),  # 6.8 us vs 11.9
+        128: ("fused", _lora_fused(64, 16, 256, 3)),  # 7.9 us vs 13.3
+        512: ("add", _lora_add(128, 64)),  # 14.2 us vs 14.7
+        4096: ("add", _lora_add(128, 64)),  # 19.9 us vs 21.2
+    },
+    (2048, 2048): {
+        1: ("fused", _lora_fused(16, 32, 256, 3)),  # 10.7 us vs 14.2
+        16: ("fused", _lora_fused(16, 16, 256, 3)),  # 8.4 us vs 14.2
+        128: ("fused", _lora_fused(64, 32, 128, 4)),  # 9.1 us vs 14.6
+        512: ("add", _lora_add(128, 64)),  # 19.0 us vs 20.0
+        4096: ("add", _lora_add(128, 64)),  # 63.8 us vs 65.7
+    },
+    (2048, 5632): {
+        1: ("add", _lora_add(32, 256)),  # 21.7 us vs 22.9
+        16: ("fused", _lora_fused(16, 16, 256, 3)),  # 17.3 us vs 22.7
+        128: ("fused", _lora_fused(64, 32, 128, 4)),  # 18.7 us vs 23.2
+        512: ("add", _lora_add(64, 128)),  # 34.6 us vs 36.5
+        4096: ("add", _lora_add(64, 128)),  # 153.0 us vs 154.0
+    },
+    (5632, 2048): {
+        1: ("fused", _lora_fused(16, 64, 256, 3)),  # 15.3 us vs 18.4
+        16: ("fused", _lora_fused(16, 64, 128, 4)),  # 14.3 us vs 18.5
+        128: ("fused", _lora_fused(64, 128, 128, 3)),  # 15.6 us vs 19.7
+        512: ("add", _lora_add(128, 64)),  # 27.9 us vs 30.2
+        4096: ("add", _lora_add(64, 128)),  # 169.9 us vs 190.9
+    },
+}
+
 # fp32 activations were not swept (training and decoding run in bf16/fp16); this GEMV config is
 # covered by the GPU tests.
 _FP32_GEMV = {"BN": 4, "BK": 1024, "VEC": 4, "num_warps": 4}
@@ -110,6 +159,14 @@ def _nearest(options, value: float, key=math.log2):
 def _lookup(table: dict, m: int, n: int, k: int) -> tuple[str, object]:
     shape = min(table, key=lambda s: (math.log2(s[0] / n) ** 2 + math.log2(s[1] / k) ** 2, s))
     return table[shape][_nearest(table[shape], max(m, 1))]
+
+
+@functools.lru_cache(maxsize=4096)  # asked twice per adapted layer and forward
+def lora_plan(m: int, n: int, k: int) -> tuple[str, dict | None]:
+    """How an adapted ``[m, k] @ [n, k].T`` runs at inference (see ``LORA_FORWARD``)."""
+    if not LORA_FORWARD or m < 1:
+        return "separate", None
+    return _lookup(LORA_FORWARD, m, n, k)
 
 
 def blocks_per_step(config: dict, blocksize: int) -> dict:
@@ -151,8 +208,27 @@ def _grad(bm, br, bk, warps, stages, split=1):
     return {"BM": bm, "BR": br, "BK": bk, "SPLIT_K": split, "num_warps": warps, "num_stages": stages}
 
 
-def _row(programs_per_sm, warps, chunk_blocks=64):
-    return {"PROGRAMS_PER_SM": programs_per_sm, "CHUNK_BLOCKS": chunk_blocks, "VEC": 16, "num_warps": warps}
+def _row(programs_per_sm, warps, chunk_blocks=64, prefetch=True):
+    return {"PROGRAMS_PER_SM": programs_per_sm, "CHUNK_BLOCKS": chunk_blocks, "VEC": 16, "PREFETCH": prefetch,
+            "num_warps": warps}
+
+
+def lora_candidates(m: int) -> list[dict]:
+    """``lora_linear`` configs ``benchmarks/lora_linear.py --sweep`` times for ``m`` tokens."""
+    if m <= 256:  # weight-bound: narrow column tiles (enough programs), h computed alongside
+        row_tiles = (16,) if m <= 16 else (64,) if m < 128 else (64, 128)
+        configs = [_lora(bm, bn, bk, w, s, True) for bm in row_tiles
+                   for bn, bk, w, s in ((16, 256, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 4),
+                                        (64, 256, 4, 3), (128, 128, 4, 3))]
+        # Shared memory per pipeline stage holds the x, W and A tiles (16-bit); H100 has 227 KB per program.
+        return [c for c in configs if c["num_stages"] * (c["BM"] + c["BN"] + 16) * c["BK"] * 2 <= 200_000]
+    return [_lora(128, 128, 64, 8, 3, False), _lora(128, 256, 64, 8, 3, False), _lora(128, 128, 64, 8, 4, True)]
+
+
+def lora_add_candidates() -> list[dict]:
+    """``lora_add`` configs the sweep times."""
+    return [{"BM": bm, "BN": bn, "num_warps": w} for bm, bn, w in
+            ((64, 128, 4), (128, 128, 8), (64, 256, 8), (128, 64, 4), (32, 256, 4), (128, 256, 8))]
 
 
 def _gemv(bn, bk, warps):
@@ -163,12 +239,18 @@ def sweep_candidates() -> dict:
     """Configs ``benchmarks/kernels.py --sweep`` times; the tables above keep the winners."""
     return {
         "dequant": [{"elems_per_program": e, "num_warps": w} for e, w in ((2048, 4), (4096, 4), (8192, 8))],
-        "gemv1": [_row(p, 4, c) for c in (32, 64) for p in (4, 8, 12, 16)] + [_row(8, 8), _row(16, 8)],
+        "gemv1": [_row(p, 4, c, f) for f in (True, False) for c in (32, 64) for p in (4, 8, 12, 16)]
+        + [_row(8, 8), _row(16, 8), _row(6, 4), _row(10, 4)],
         "gemv": [_gemv(1, 2048, 2), _gemv(1, 4096, 4), _gemv(2, 2048, 4), _gemv(4, 2048, 4), _gemv(4, 1024, 4),
                  _gemv(4, 1024, 2), _gemv(8, 1024, 4), _gemv(8, 512, 2)],
         "fused_small": [_fused(16, 64, 256, 4, 3, 2, w_is_a=True), _fused(16, 64, 256, 4, 3, 4, w_is_a=True),
                         _fused(16, 64, 256, 4, 3, 8, w_is_a=True), _fused(16, 64, 128, 4, 3, 4, w_is_a=True),
-                        _fused(16, 128, 128, 4, 3, 4, w_is_a=True), _fused(16, 64, 128, 4, 3, 1, w_is_a=True)],
+                        _fused(16, 128, 128, 4, 3, 4, w_is_a=True), _fused(16, 64, 128, 4, 3, 1, w_is_a=True),
+                        _fused(16, 32, 128, 4, 3, 4, w_is_a=True), _fused(16, 64, 64, 4, 4, 4, w_is_a=True),
+                        _fused(16, 64, 128, 2, 3, 4, w_is_a=True), _fused(16, 64, 128, 4, 2, 8, w_is_a=True),
+                        _fused(16, 128, 64, 4, 3, 4, w_is_a=True), _fused(16, 128, 128, 8, 3, 4, w_is_a=True),
+                        _fused(16, 32, 256, 2, 3, 8, w_is_a=True), _fused(16, 64, 256, 8, 3, 4, w_is_a=True),
+                        _fused(16, 64, 128, 4, 1, 4, w_is_a=True), _fused(16, 128, 128, 4, 3, 2, w_is_a=True)],
         "fused": [_fused(64, 128, 128, 4, 3, 2), _fused(64, 64, 128, 4, 3, 2), _fused(64, 128, 128, 4, 3, 4),
                   _fused(64, 64, 128, 4, 3)],
         "chunked": [{"chunk_elems": None}, {"chunk_elems": 32 << 20}],
