@@ -132,10 +132,11 @@ class Trainer:
             self.console.print(str(self.model.summary()) if hasattr(self.model, "summary") else
                                f"full finetuning: {sum(p.numel() for p in self.model.parameters()):,} trainable parameters",
                                markup=False, highlight=False)
-        before = _metrics_of(loop.history[0]) if loop.history else self._evaluate(loop, "before")
-        self.reporter.start(loop.step)
+        # Handlers first: a signal during the evaluation before training stops after the first step.
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
+            before = _metrics_of(loop.history[0]) if loop.history else self._evaluate(loop, "before")
+            self.reporter.start(loop.step)
             self._train(loop)
         finally:
             for sig, handler in previous.items():
