@@ -19,6 +19,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .. import registry, targeting
+from ..quant.kernels.dispatch import triton_cuda_available
+from ..quant.kernels.tuning import lora_plan
 from ..errors import CheckpointError, ConfigError, TargetError
 from . import exact, sites
 from .base import (
@@ -395,12 +397,7 @@ class Lora(Adapter):
 def _inference_plan(x: torch.Tensor, tokens: int, n: int) -> tuple[str, dict | None]:
     """How the no-autograd LoRA term runs for input ``x [..., k]`` and ``n`` output features:
     ``"fused"``/``"add"`` (Triton, see ``tuning.LORA_FORWARD``) or ``"separate"`` (plain GEMMs)."""
-    if x.device.type != "cuda" or x.dtype not in _FUSED_DTYPES:
-        return "separate", None
-    from ..quant.kernels.dispatch import triton_cuda_available
-    from ..quant.kernels.tuning import lora_plan
-
-    if not triton_cuda_available():
+    if x.device.type != "cuda" or x.dtype not in _FUSED_DTYPES or not triton_cuda_available():
         return "separate", None
     kind, config = lora_plan(tokens, n, x.shape[-1])
     if kind == "add" and not torch.cuda.is_current_stream_capturing():

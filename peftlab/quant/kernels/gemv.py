@@ -106,11 +106,12 @@ def _load_x(x_ptr, cols, k_blocks, BS: tl.constexpr):
 @triton.jit(do_not_specialize=["N", "k_blocks"])
 def _row_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, bias_ptr,
                 out_ptr, N, k_blocks, BS: tl.constexpr, CHUNK: tl.constexpr, VEC: tl.constexpr,
-                HAS_BIAS: tl.constexpr, NESTED: tl.constexpr, PREFETCH: tl.constexpr):
+                HAS_BIAS: tl.constexpr, NESTED: tl.constexpr):
     # Grid axis 1 splits K into chunks of CHUNK blocks, so a long row still fits in registers;
     # each chunk writes its own fp32 partial row of ``out`` (summed afterwards) unless there is one.
-    # PREFETCH issues the loads of a program's next row before its current row is decoded, so two
-    # rows per program are in flight and decoding overlaps the memory latency instead of following it.
+    # The loads of a program's next row are issued before its current row is decoded, so two rows
+    # per program are in flight and decoding overlaps the memory latency instead of following it
+    # (measured never slower than fetching after the decode: kernels-gemv-prefetch-h100.json).
     chunk = tl.program_id(1)
     step = tl.num_programs(0)
     cols = chunk * CHUNK + tl.arange(0, CHUNK)
@@ -121,16 +122,12 @@ def _row_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nest
     for _ in range(row, N, step):
         # The last fetch of a program re-reads a valid row (clamped) rather than branching.
         ahead = tl.minimum(row + step, N - 1)
-        if PREFETCH:
-            packed_ahead, q_ahead, outer_ahead = _row_fetch(packed_ptr, absmax_ptr, nested_absmax_ptr, ahead, cols,
-                                                            k_blocks, BS, VEC, NESTED)
+        packed_ahead, q_ahead, outer_ahead = _row_fetch(packed_ptr, absmax_ptr, nested_absmax_ptr, ahead, cols,
+                                                        k_blocks, BS, VEC, NESTED)
         y = _row_dot(code_ptr, nested_code_ptr, offset, packed, q, outer, cols, x, k_blocks, BS, NESTED)
         if HAS_BIAS:
             y += tl.load(bias_ptr + row).to(tl.float32)
         tl.store(target + row, y.to(target.dtype.element_ty))
-        if not PREFETCH:
-            packed_ahead, q_ahead, outer_ahead = _row_fetch(packed_ptr, absmax_ptr, nested_absmax_ptr, ahead, cols,
-                                                            k_blocks, BS, VEC, NESTED)
         packed, q, outer, row = packed_ahead, q_ahead, outer_ahead, row + step
 
 
@@ -143,8 +140,7 @@ def gemv_row(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, conf
 
     ``config``: ``PROGRAMS_PER_SM``, ``CHUNK_BLOCKS`` (quantization blocks of K one program keeps
     in registers; longer rows are split and their partial sums added), ``VEC`` packed bytes per
-    load, ``PREFETCH`` (default True: fetch the next row while decoding this one), ``num_warps``
-    (see ``tuning``).
+    load, ``num_warps`` (see ``tuning``).
     """
     if x.shape[0] != 1:
         raise NF4KernelError(f"gemv_row takes one activation row, got {x.shape[0]}.")
@@ -156,6 +152,5 @@ def gemv_row(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, conf
     _row_kernel[(programs, split)](
         x, weight.packed, weight.code, *weight.scale_args(), bias if bias is not None else x, target,
         weight.n, weight.k_blocks, BS=weight.blocksize, CHUNK=chunk, VEC=config.get("VEC", 16),
-        HAS_BIAS=bias is not None and split == 1, NESTED=weight.nested, PREFETCH=config.get("PREFETCH", True),
-        num_warps=config["num_warps"])
+        HAS_BIAS=bias is not None and split == 1, NESTED=weight.nested, num_warps=config["num_warps"])
     return out if split == 1 else finish_split_k(target, bias, out, split)

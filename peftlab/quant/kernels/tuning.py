@@ -22,7 +22,7 @@ DEQUANT_CONFIG = {"elems_per_program": 2048, "num_warps": 4, "flat_block": 1024}
 
 FORWARD = {
     (4096, 4096): {
-        1: ('gemv1', {'PROGRAMS_PER_SM': 6, 'CHUNK_BLOCKS': 64, 'VEC': 16, 'PREFETCH': True, 'num_warps': 4}),  # 9.4 us
+        1: ('gemv1', {'PROGRAMS_PER_SM': 6, 'CHUNK_BLOCKS': 64, 'VEC': 16, 'num_warps': 4}),  # 9.4 us
         4: ('fused', {'BM': 16, 'BN': 64, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': True, 'num_warps': 4, 'num_stages': 3}),  # 14.8 us
         16: ('fused', {'BM': 16, 'BN': 64, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': True, 'num_warps': 4, 'num_stages': 3}),  # 14.9 us
         64: ('fused', {'BM': 64, 'BN': 128, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 20.6 us
@@ -31,7 +31,7 @@ FORWARD = {
         4096: ('chunked', None),  # 201.2 us
     },
     (4096, 11008): {
-        1: ('gemv1', {'PROGRAMS_PER_SM': 6, 'CHUNK_BLOCKS': 64, 'VEC': 16, 'PREFETCH': True, 'num_warps': 4}),  # 23.4 us
+        1: ('gemv1', {'PROGRAMS_PER_SM': 6, 'CHUNK_BLOCKS': 64, 'VEC': 16, 'num_warps': 4}),  # 23.4 us
         4: ('fused', {'BM': 16, 'BN': 64, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': True, 'num_warps': 4, 'num_stages': 3}),  # 31.9 us
         16: ('fused', {'BM': 16, 'BN': 64, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': True, 'num_warps': 4, 'num_stages': 3}),  # 31.6 us
         64: ('fused', {'BM': 64, 'BN': 128, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 44.6 us
@@ -40,7 +40,7 @@ FORWARD = {
         4096: ('chunked', None),  # 554.6 us
     },
     (11008, 4096): {
-        1: ('gemv1', {'PROGRAMS_PER_SM': 6, 'CHUNK_BLOCKS': 64, 'VEC': 16, 'PREFETCH': True, 'num_warps': 4}),  # 20.2 us
+        1: ('gemv1', {'PROGRAMS_PER_SM': 6, 'CHUNK_BLOCKS': 64, 'VEC': 16, 'num_warps': 4}),  # 20.2 us
         4: ('fused', {'BM': 16, 'BN': 128, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': True, 'num_warps': 4, 'num_stages': 3}),  # 32.7 us
         16: ('fused', {'BM': 16, 'BN': 128, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': True, 'num_warps': 4, 'num_stages': 3}),  # 32.8 us
         64: ('fused', {'BM': 64, 'BN': 64, 'BK': 128, 'SPLIT_K': 2, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 45.7 us
@@ -49,7 +49,7 @@ FORWARD = {
         4096: ('chunked', 33554432),  # 511.6 us
     },
     (14336, 4096): {
-        1: ('gemv1', {'PROGRAMS_PER_SM': 6, 'CHUNK_BLOCKS': 64, 'VEC': 16, 'PREFETCH': True, 'num_warps': 4}),  # 25.2 us
+        1: ('gemv1', {'PROGRAMS_PER_SM': 6, 'CHUNK_BLOCKS': 64, 'VEC': 16, 'num_warps': 4}),  # 25.2 us
         4: ('fused', {'BM': 16, 'BN': 64, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': True, 'num_warps': 4, 'num_stages': 3}),  # 38.5 us
         16: ('fused', {'BM': 16, 'BN': 64, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': True, 'num_warps': 4, 'num_stages': 3}),  # 39.3 us
         64: ('fused', {'BM': 64, 'BN': 128, 'BK': 128, 'SPLIT_K': 2, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 46.0 us
@@ -208,9 +208,8 @@ def _grad(bm, br, bk, warps, stages, split=1):
     return {"BM": bm, "BR": br, "BK": bk, "SPLIT_K": split, "num_warps": warps, "num_stages": stages}
 
 
-def _row(programs_per_sm, warps, chunk_blocks=64, prefetch=True):
-    return {"PROGRAMS_PER_SM": programs_per_sm, "CHUNK_BLOCKS": chunk_blocks, "VEC": 16, "PREFETCH": prefetch,
-            "num_warps": warps}
+def _row(programs_per_sm, warps, chunk_blocks=64):
+    return {"PROGRAMS_PER_SM": programs_per_sm, "CHUNK_BLOCKS": chunk_blocks, "VEC": 16, "num_warps": warps}
 
 
 def lora_candidates(m: int) -> list[dict]:
@@ -239,7 +238,7 @@ def sweep_candidates() -> dict:
     """Configs ``benchmarks/kernels.py --sweep`` times; the tables above keep the winners."""
     return {
         "dequant": [{"elems_per_program": e, "num_warps": w} for e, w in ((2048, 4), (4096, 4), (8192, 8))],
-        "gemv1": [_row(p, 4, c, f) for f in (True, False) for c in (32, 64) for p in (4, 8, 12, 16)]
+        "gemv1": [_row(p, 4, c) for c in (32, 64) for p in (4, 8, 12, 16)]
         + [_row(8, 8), _row(16, 8), _row(6, 4), _row(10, 4)],
         "gemv": [_gemv(1, 2048, 2), _gemv(1, 4096, 4), _gemv(2, 2048, 4), _gemv(4, 2048, 4), _gemv(4, 1024, 4),
                  _gemv(4, 1024, 2), _gemv(8, 1024, 4), _gemv(8, 512, 2)],
