@@ -37,13 +37,16 @@ LORA = {"r": 16, "alpha": 32}
 TOLERANCE = 0.15
 STEPS = 3  # AdamW creates its states in step 1; steps 2-3 show the steady-state peak
 
-# (name, method, method options, gradient checkpointing, required for the check)
+# (name, method, method options, gradient checkpointing, chunked loss, required for the check)
 RUNS = [
-    ("LoRA", "lora", LORA, True, True),
-    ("QLoRA", "qlora", LORA, True, True),
-    ("LOMO", "lomo", {}, True, True),
-    ("LoRA, no checkpointing", "lora", LORA, False, False),
-    ("QLoRA, no checkpointing", "qlora", LORA, False, False),
+    ("LoRA", "lora", LORA, True, True, True),
+    ("QLoRA", "qlora", LORA, True, True, True),
+    ("LOMO", "lomo", {}, True, True, True),
+    ("LoRA, model loss", "lora", LORA, True, False, True),
+    ("QLoRA, model loss", "qlora", LORA, True, False, True),
+    ("LOMO, model loss", "lomo", {}, True, False, True),
+    ("LoRA, no checkpointing", "lora", LORA, False, True, False),
+    ("QLoRA, no checkpointing", "qlora", LORA, False, True, False),
 ]
 
 
@@ -71,8 +74,12 @@ def make_step(method: str, options: dict, model):
     return wrapped, step
 
 
-def measure(method: str, options: dict, checkpointing: bool, batch: int, seq: int) -> dict:
-    """Peak memory of ``STEPS`` training steps on the GPU."""
+def measure(method: str, options: dict, checkpointing: bool, chunked: bool, batch: int, seq: int) -> dict:
+    """Peak memory of ``STEPS`` training steps on the GPU, with the loss ``peftlab finetune`` uses
+    (chunked: ``causal_lm_loss`` in ``slice_tokens`` slices) or transformers' own."""
+    from peftlab import PeftModel
+    from peftlab.train.loss import causal_lm_loss, slice_tokens
+
     device = torch.device("cuda")
     model = build_bf16_llama(LLAMA_1B, device, checkpointing)
     model, step = make_step(method, options, model)
@@ -82,22 +89,26 @@ def measure(method: str, options: dict, checkpointing: bool, batch: int, seq: in
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
+    language_model = model.base_model if isinstance(model, PeftModel) else model
+    chunk = slice_tokens(LLAMA_1B["vocab_size"])
     for ids in data:
-        step(model(input_ids=ids, labels=ids, use_cache=False).loss)
+        step(causal_lm_loss(language_model, ids, chunk_size=chunk) if chunked
+             else model(input_ids=ids, labels=ids, use_cache=False).loss)
     torch.cuda.synchronize()
     return {"status": "ok", "measured_bytes": torch.cuda.max_memory_allocated(),
             "reserved_bytes": torch.cuda.max_memory_reserved(), "seconds": time.perf_counter() - start}
 
 
 # ---------------------------------------------------------------------- the driver
-def estimate(config: dict, method: str, options: dict, checkpointing: bool, batch: int, seq: int, cuda: bool):
+def estimate(config: dict, method: str, options: dict, checkpointing: bool, chunked: bool, batch: int, seq: int,
+             cuda: bool):
     from transformers import LlamaConfig
 
     from peftlab.estimate import estimate_memory
 
     return estimate_memory(LlamaConfig(**config, architectures=["LlamaForCausalLM"]), method=method,
                            method_options=options, batch_size=batch, seq_len=seq,
-                           gradient_checkpointing=checkpointing, precision="bf16", cuda=cuda)
+                           gradient_checkpointing=checkpointing, precision="bf16", chunked_loss=chunked, cuda=cuda)
 
 
 def main() -> None:
@@ -115,13 +126,14 @@ def main() -> None:
     config = LLAMA_TINY if args.tiny else LLAMA_1B
     batch, seq = (2, 32) if args.tiny else (4, 1024)
     rows = []
-    for name, method, options, checkpointing, required in RUNS:
-        est = estimate(config, method, options, checkpointing, batch, seq, cuda=on_gpu)
+    for name, method, options, checkpointing, chunked, required in RUNS:
+        est = estimate(config, method, options, checkpointing, chunked, batch, seq, cuda=on_gpu)
         row = {"run": name, "method": method, "method_options": options, "gradient_checkpointing": checkpointing,
-               "required": required, "estimate_bytes": est.peak_bytes, "estimate_gib": est.peak_gib,
+               "chunked_loss": chunked, "required": required, "estimate_bytes": est.peak_bytes, "estimate_gib": est.peak_gib,
                "estimate_phase": est.peak_phase, "estimate_parts": est.parts, "estimate_phases": est.phases}
         if on_gpu:
-            spec = {"method": method, "options": options, "checkpointing": checkpointing, "batch": batch, "seq": seq}
+            spec = {"method": method, "options": options, "checkpointing": checkpointing, "chunked": chunked,
+                    "batch": batch, "seq": seq}
             result = spawn_worker(__file__, spec, args.run_timeout)
             row.update(result)
             if result["status"] == "ok":
@@ -140,7 +152,8 @@ def main() -> None:
     data = {"benchmark": "peftlab estimate vs measured peak memory (torch.cuda.max_memory_allocated)",
             "device": device_name(device), "versions": versions("bitsandbytes"), "model": config,
             "batch": [batch, seq], "steps": STEPS, "tolerance": TOLERANCE,
-            "setup": "random init, bf16 weights, train() mode, labels=input_ids (transformers' loss); LoRA/QLoRA: "
+            "setup": "random init, bf16 weights, train() mode, labels=input_ids; loss: peftlab's chunked "
+                     "causal_lm_loss (peftlab finetune's default) or transformers' own ('model loss'); LoRA/QLoRA: "
                      "fused AdamW on the adapters; LOMO: peftlab.optim.Lomo on every weight",
             "required_runs_within_tolerance": passed if on_gpu else None, "runs": rows}
     tag = "cpu-tiny" if args.tiny else device_tag(device)

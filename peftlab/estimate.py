@@ -25,9 +25,14 @@ Parts, in bytes (T = batch x sequence tokens, a = bytes of the compute dtype):
 * activations: what autograd keeps from forward for backward (``block_activations`` states the
   per-block formula); with gradient checkpointing only each block's input (a * T * hidden) is
   kept, and one block at a time is recomputed during backward.
-* logits (causal LM): transformers' loss upcasts the ``T x vocab`` logits to fp32 and takes a
-  log-softmax that backward keeps; at its backward three fp32 copies exist at once (the saved
-  log-softmax, its incoming gradient, the gradient it produces): 12 * T * vocab bytes.
+* logits (causal LM): ``peftlab finetune`` computes the loss in slices of S tokens
+  (``train.loss.slice_tokens``) and never builds the whole ``T x vocab`` logits: at its backward
+  one slice exists in fp32 and in the matmul's 16-bit output (S * vocab * (4 + a)), with the
+  hidden-state gradient (a * T * hidden) and, when the head trains, its gradient. With the
+  model's own loss (``train.chunked_loss: false``, or a head the chunked loss cannot read),
+  transformers upcasts the logits to fp32 and takes a log-softmax that backward keeps; at its
+  backward three fp32 copies exist at once (the saved log-softmax, its incoming gradient, the
+  gradient it produces): 12 * T * vocab bytes.
 * overhead: cuBLAS workspaces, which torch allocates through its caching allocator: one per thread
   that runs matmuls (the forward thread and the autograd thread), 32 MiB each by torch's default on
   Hopper GPUs (``CUBLAS_WORKSPACE_CONFIG`` is read when set). Fragmentation is not counted: it shows
@@ -579,13 +584,24 @@ def _activation_sizes(base: nn.Module, layouts: list[BlockLayout], first: int, g
                         f"{trained} blocks x {per_block[-1] / 2**20:,.1f} MiB + outside blocks")
 
 
-def _logit_bytes(base: nn.Module, tokens: int, batch: int) -> tuple[int, str]:
+def _logit_bytes(base: nn.Module, tokens: int, batch: int, chunked: bool, compute_dtype: torch.dtype
+                 ) -> tuple[int, str]:
     """Bytes of the loss's logits at its backward, and how they are counted."""
+    from .train.loss import chunked_loss_obstacle, slice_tokens
+
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if head is not None and targeting.is_linear(head):
-        vocab = targeting.linear_features(head)[1]
-        return 4 * LOGIT_COPIES_FP32 * tokens * vocab, (f"3 fp32 copies of {tokens:,} x {vocab:,} logits at the "
-                                                         "loss backward")
+        hidden, vocab = targeting.linear_features(head)
+        if not chunked or chunked_loss_obstacle(base) is not None:
+            return 4 * LOGIT_COPIES_FP32 * tokens * vocab, (f"3 fp32 copies of {tokens:,} x {vocab:,} logits at the "
+                                                             "loss backward")
+        rows = min(tokens, slice_tokens(vocab))
+        a = torch.empty((), dtype=compute_dtype).element_size()
+        per_logit = 4 + (a if a < 4 else 0)  # the fp32 slice and the matmul's 16-bit output it came from
+        head_grad = head.weight.numel() * head.weight.element_size() if head.weight.requires_grad else 0
+        size = rows * vocab * per_logit + tokens * hidden * a + 4 * tokens + head_grad
+        return size, (f"chunked loss: one {rows:,} x {vocab:,} slice of logits, the hidden-state gradient"
+                      + (" and the head's gradient" if head_grad else ""))
     labels = getattr(base.config, "num_labels", 2)
     return 4 * LOGIT_COPIES_FP32 * batch * labels, f"{batch} x {labels} classification logits"
 
@@ -613,7 +629,7 @@ def estimate_run(run, config=None, task: str | None = None, cuda: bool = True) -
     first, grads_before = _first_trained_block(base, layouts)
     params = _parameter_sizes(run, counted, base, layouts, first, weight_dtype, compute_dtype)
     acts = _activation_sizes(base, layouts, first, grads_before, batch, seq, compute_dtype, checkpointing, cuda)
-    logits, logits_note = _logit_bytes(base, batch * seq, batch)
+    logits, logits_note = _logit_bytes(base, batch * seq, batch, run.train.chunked_loss, compute_dtype)
     overhead = MATMUL_THREADS * _cublas_workspace() if cuda else 0
 
     moments = {  # (gradients, activations, logits) alive at each moment of a step
@@ -664,13 +680,14 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def estimate_memory(model, *, method: str = "lora", method_options: dict | None = None, quantize: str | None = None,
                     batch_size: int = 1, seq_len: int = 512, optimizer: str | None = None,
                     gradient_checkpointing: bool = False, precision: str = "bf16", task: str | None = None,
-                    cuda: bool = True) -> MemoryEstimate:
+                    chunked_loss: bool = True, cuda: bool = True) -> MemoryEstimate:
     """Estimate the peak GPU memory of finetuning ``model`` (folder, hub id, ``pkg:`` reference or a
     transformers config) with ``method`` (any ``peftlab finetune`` method) on ``batch_size`` x
     ``seq_len`` tokens. ``optimizer`` defaults as in ``peftlab finetune`` (adamw; the fused optimizer
-    for lomo/adalomo). See the module docstring for what is counted."""
+    for lomo/adalomo); ``chunked_loss=False`` counts the model's own loss instead of the chunked one
+    (``train.chunked_loss``). See the module docstring for what is counted."""
     train: dict[str, Any] = {"batch_size": batch_size, "gradient_checkpointing": gradient_checkpointing,
-                             "precision": precision}
+                             "precision": precision, "chunked_loss": chunked_loss}
     if optimizer is not None:
         train["optimizer"] = optimizer
     run = method_run_config(model if isinstance(model, str) else "(config)", method=method,

@@ -77,3 +77,37 @@ def test_bad_input_is_named():
     model.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="config.final_logit_softcapping=30.0 transforms the logits"):
         causal_lm_loss(model, torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_obstacles_are_named_and_plain_heads_have_none():
+    import peftlab
+    from peftlab import LoraConfig
+    from peftlab.train.loss import chunked_loss_obstacle
+
+    assert chunked_loss_obstacle(make_llama()) is None
+    assert chunked_loss_obstacle(make_gpt2()) is None  # tied head: still a plain nn.Linear
+    capped = make_llama()
+    capped.config.final_logit_softcapping = 30.0
+    assert chunked_loss_obstacle(capped) == "config.final_logit_softcapping=30.0 transforms the logits"
+    routed = make_llama()
+    routed.config.output_router_logits = True
+    assert "auxiliary loss" in chunked_loss_obstacle(routed)
+    # a trained copy of the head lives in a hook that reading head.weight would bypass
+    wrapped = peftlab.wrap(make_llama(), LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    assert "forward hooks" in chunked_loss_obstacle(wrapped.base_model)
+    with pytest.raises(ValueError, match="forward hooks"):
+        causal_lm_loss(wrapped.base_model, torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_packed_positions_reach_the_backbone():
+    model = make_llama()
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 128, (2, 12), generator=gen)
+    positions = torch.tensor([list(range(5)) + list(range(7)), list(range(12))])  # two examples packed in row 0
+    labels = ids.clone()
+    labels[0, 5] = -100  # no target across the example boundary
+    ref = model(input_ids=ids, position_ids=positions, labels=labels, use_cache=False).loss  # as the trainer calls it
+    loss = causal_lm_loss(model, ids, labels=labels, position_ids=positions, chunk_size=7)
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    unpositioned = causal_lm_loss(model, ids, labels=labels, chunk_size=7)
+    assert not torch.allclose(unpositioned, ref)  # the positions mattered, so they were passed on

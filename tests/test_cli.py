@@ -82,6 +82,32 @@ def test_every_method_trains_a_causal_lm(workspace, tmp_path, method):
     assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
 
 
+@pytest.mark.parametrize("method, extra", [  # packed: several examples per block, told apart by position_ids
+    ("lora", ["--data.packing", "true", "--data.max_seq_len", "480"]), ("full", [])])
+def test_chunked_loss_trains_exactly_like_the_model_loss(workspace, tmp_path, method, extra):
+    runs = {}
+    for chunked in ("true", "false"):
+        out = tmp_path / chunked
+        result = invoke(causal_args(workspace, out, "--method", method, "--train.chunked_loss", chunked, *extra))
+        assert result.exit_code == 0, result.output
+        runs[chunked] = result.output, [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert "loss: chunked cross-entropy" in runs["true"][0]
+    assert "loss: the model's own (train.chunked_loss is false)" in runs["false"][0]
+    chunked, plain = runs["true"][1], runs["false"][1]
+    assert [r["step"] for r in chunked] == [r["step"] for r in plain]
+    for got, want in zip(chunked, plain):
+        for key in ("loss", "eval_loss"):
+            if key in want:
+                assert got[key] == pytest.approx(want[key], rel=1e-5), (key, got["step"])
+
+
+def test_a_hooked_output_head_keeps_the_model_loss(workspace, tmp_path):
+    result = invoke(causal_args(workspace, tmp_path / "run", "--max_steps", "2",
+                                "--method.modules_to_save", '["lm_head"]'))
+    assert result.exit_code == 0, result.output
+    assert "loss: the model's own (the output embedding has forward hooks" in result.output
+
+
 def test_classification_reports_accuracy_before_and_after(workspace, tmp_path):
     args = ["finetune", "--model", str(workspace / "bert"), "--data.train", str(workspace / "sentiment.jsonl"),
             "--data.format", "classification", "--data.eval_fraction", "0.25", "--output.dir", str(tmp_path / "run"),

@@ -146,8 +146,25 @@ def test_the_loss_keeps_one_fp32_copy_of_the_logits():
     with_loss, _ = saved_bytes(wrapped.base_model, wrapped, labels=True)
     log_softmax = 4 * BATCH * SEQ * 128  # fp32 [tokens, vocab]; backward holds it, its gradient and the result
     assert log_softmax <= with_loss - without <= log_softmax + 16 * BATCH * SEQ + 64  # + the shifted labels
-    est = estimate_memory(make_llama().config, method="lora", batch_size=BATCH, seq_len=SEQ, cuda=False)
+    est = estimate_memory(make_llama().config, method="lora", batch_size=BATCH, seq_len=SEQ, cuda=False,
+                          chunked_loss=False)
     assert est.totals["logits"] == 3 * log_softmax
+
+
+def test_the_chunked_loss_counts_one_slice_unless_the_head_is_hooked():
+    common = dict(batch_size=4, seq_len=1024, gradient_checkpointing=True)
+    model_loss = estimate_memory(LLAMA_1B, method="lora", chunked_loss=False, **common)
+    chunked = estimate_memory(LLAMA_1B, method="lora", **common)
+    tokens, vocab, hidden = 4 * 1024, 32000, 2048
+    assert model_loss.totals["logits"] == 12 * tokens * vocab
+    # one 1024-token slice in fp32 + bf16, the bf16 hidden-state gradient, the fp32 log-sum-exp
+    assert chunked.totals["logits"] == 1024 * vocab * 6 + tokens * hidden * 2 + 4 * tokens
+    assert "chunked loss" in chunked.notes["logits"]
+    full = estimate_memory(LLAMA_1B, method="full", optimizer="sgd", precision="bf16", **common)
+    # + the head's gradient, fp32 like the master weights that bf16 autocast trains
+    assert full.totals["logits"] - chunked.totals["logits"] == vocab * hidden * 4
+    hooked = estimate_memory(LLAMA_1B, method="lora", method_options={"modules_to_save": ["lm_head"]}, **common)
+    assert hooked.totals["logits"] == model_loss.totals["logits"]  # the trainer falls back to the model's loss
 
 
 LLAMA_1B = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
@@ -162,7 +179,7 @@ LLAMA_1B = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=563
 ])
 def test_peaks_measured_on_an_h100_are_reproduced(method, measured_gib):
     est = estimate_memory(LLAMA_1B, method=method, method_options={"r": 16, "alpha": 32} if "lora" in method
-                          else None, batch_size=4, seq_len=1024, gradient_checkpointing=True)
+                          else None, batch_size=4, seq_len=1024, gradient_checkpointing=True, chunked_loss=False)
     assert abs(est.peak_bytes / (measured_gib * GIB) - 1) <= 0.15
     assert est.peak_phase == "loss"
     assert sum(est.parts.values()) == est.peak_bytes

@@ -54,6 +54,7 @@ class TrainConfig:
     batch_size: int = 8                      # examples per micro-batch (per process)
     grad_accum: int = 1                      # micro-batches per optimizer step
     gradient_checkpointing: bool = False     # non-reentrant activation checkpointing
+    chunked_loss: bool = True                # causal LM: cross-entropy over token slices, never the full logits
     precision: str = "auto"                  # auto (bf16 on capable GPUs, else fp32) | bf16 | fp16 | fp32
     max_grad_norm: float | None = 1.0        # clip the global gradient norm; null disables
     seed: int = 42                           # model init, data order and dropout

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["chunked_linear_cross_entropy", "causal_lm_loss"]
+__all__ = ["chunked_linear_cross_entropy", "causal_lm_loss", "chunked_loss_obstacle", "slice_tokens"]
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -104,12 +104,47 @@ def chunked_linear_cross_entropy(
     return _ChunkedLinearCrossEntropy.apply(hidden2d, weight, bias, labels.reshape(-1), chunk_size, ignore_index)
 
 
+SLICE_LOGITS = 1 << 25  # logits per loss slice: 128 MiB in fp32 (1024 tokens of a 32k vocabulary)
+
+
+def slice_tokens(vocab: int) -> int:
+    """Tokens per slice that ``peftlab finetune`` uses for a vocabulary of ``vocab``: a multiple of 128."""
+    return max(1, SLICE_LOGITS // vocab // 128) * 128
+
+
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
+
+
+def chunked_loss_obstacle(model: nn.Module) -> str | None:
+    """Why :func:`causal_lm_loss` cannot stand in for ``model(..., labels=...).loss``, or None when it can.
+
+    It computes ``lm_head(hidden)`` itself from the head's weight, so the model must take no more
+    than that from its last hidden state: no logit transform, no auxiliary loss, and an output
+    head that is a plain ``nn.Linear`` with nothing hooked onto it (an adapter's trained copy or
+    offloading would be bypassed).
+    """
+    config = getattr(model, "config", None)
+    for field in _LOGIT_TRANSFORMS:
+        value = getattr(config, field, None)
+        if value not in (None, 1, 1.0):
+            return f"config.{field}={value} transforms the logits"
+    if getattr(config, "output_router_logits", False):
+        return "config.output_router_logits adds the router's auxiliary loss"
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is not nn.Linear:
+        return f"the output embedding is {type(head).__name__}, not a plain nn.Linear"
+    if head._forward_hooks or head._forward_pre_hooks or "forward" in head.__dict__:
+        return "the output embedding has forward hooks (an adapter's trained copy or offloading) that it would bypass"
+    return None
+
+
 def causal_lm_loss(
     model: nn.Module,
     input_ids: torch.Tensor,
     *,
     labels: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
     chunk_size: int = 1024,
     ignore_index: int = -100,
 ) -> torch.Tensor:
@@ -117,23 +152,20 @@ def causal_lm_loss(
 
     Runs the backbone (``model.base_model``), then the chunked cross-entropy against the output
     embedding (``model.get_output_embeddings()``), with labels shifted one position left. Labels
-    default to ``input_ids`` with padding (``attention_mask == 0``) ignored. Refuses models whose
-    logits are not a plain ``lm_head(hidden)`` (soft-capping, logit scaling).
+    default to ``input_ids`` with padding (``attention_mask == 0``) ignored; ``position_ids``
+    (packed sequences) go to the backbone. Refuses, with a ``ValueError``, the models
+    :func:`chunked_loss_obstacle` names a reason for.
     """
-    config = getattr(model, "config", None)
-    for field in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
-        value = getattr(config, field, None)
-        if value not in (None, 1, 1.0):
-            raise ValueError(f"causal_lm_loss: config.{field}={value} transforms the logits; "
-                             "use the model's own loss for this architecture")
+    obstacle = chunked_loss_obstacle(model)
+    if obstacle is not None:
+        raise ValueError(f"causal_lm_loss: {obstacle}; use the model's own loss for this model")
     head = model.get_output_embeddings()
-    if not isinstance(head, nn.Linear):
-        raise ValueError(f"causal_lm_loss needs an nn.Linear output embedding, found {type(head).__name__}")
     if labels is None:
         labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, ignore_index)
     shifted = torch.full_like(labels, ignore_index)
     shifted[:, :-1] = labels[:, 1:]
-    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    extra = {} if position_ids is None else {"position_ids": position_ids}
+    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
     hidden = out[0]
     return chunked_linear_cross_entropy(hidden, head.weight, shifted, bias=head.bias,
                                         chunk_size=chunk_size, ignore_index=ignore_index)

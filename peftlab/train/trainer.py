@@ -24,9 +24,11 @@ import yaml
 from rich.console import Console
 
 from ..errors import PeftlabError
+from ..model import PeftModel
 from . import setup
 from .config import ADALOMO, LOMO, RunConfig
 from .data import Collator, TokenizedDataset, batch_order, prepare_data
+from .loss import causal_lm_loss, chunked_loss_obstacle, slice_tokens
 from .report import Reporter
 from .state import LoopState, list_checkpoints, load_checkpoint, save_checkpoint
 
@@ -91,9 +93,28 @@ class Trainer:
             self.train_model = self.model.to(self.device)
         else:
             self.train_model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        self.loss_chunk, self.loss_note = self._loss_plan()
         self.reporter = Reporter(self.out, self.total_steps, console, enabled=self.accelerator.is_main_process,
                                  tensorboard=config.output.tensorboard, resumed=resume)
         self._stop_signal: str | None = None
+
+    def _loss_plan(self) -> tuple[int | None, str]:
+        """Tokens per slice of the chunked causal-LM loss (None: the model's own loss), and a line saying which."""
+        if self.config.task != "causal_lm":
+            return None, "the model's own"
+        if not self.config.train.chunked_loss:
+            return None, "the model's own (train.chunked_loss is false)"
+        if self.world > 1:  # the backbone would be called around the DDP wrapper, which syncs gradients
+            return None, "the model's own (chunked loss runs on one process only)"
+        obstacle = chunked_loss_obstacle(self._language_model())
+        if obstacle is not None:
+            return None, f"the model's own ({obstacle})"
+        vocab = self._language_model().get_output_embeddings().out_features
+        chunk = slice_tokens(vocab)
+        return chunk, f"chunked cross-entropy, {chunk}-token slices (the full logits are never built)"
+
+    def _language_model(self) -> torch.nn.Module:
+        return self.model.base_model if isinstance(self.model, PeftModel) else self.model
 
     # --- data ------------------------------------------------------------------------------
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
@@ -132,6 +153,7 @@ class Trainer:
             self.console.print(str(self.model.summary()) if hasattr(self.model, "summary") else
                                f"full finetuning: {sum(p.numel() for p in self.model.parameters()):,} trainable parameters",
                                markup=False, highlight=False)
+            self.console.print(f"loss: {self.loss_note}", markup=False, highlight=False, soft_wrap=True)
         # Handlers first: a signal during the evaluation before training stops after the first step.
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -201,7 +223,12 @@ class Trainer:
 
     def _forward_backward(self, batch: dict, last: bool, scale: float) -> float:
         with self.accelerator.autocast():
-            loss = self.train_model(**batch).loss
+            if self.loss_chunk:
+                loss = causal_lm_loss(self._language_model(), batch["input_ids"], labels=batch["labels"],
+                                      attention_mask=batch.get("attention_mask"),
+                                      position_ids=batch.get("position_ids"), chunk_size=self.loss_chunk)
+            else:
+                loss = self.train_model(**batch).loss
         if not torch.isfinite(loss).all():
             found = list_checkpoints(self.checkpoints)
             keep = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
