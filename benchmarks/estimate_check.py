@@ -77,7 +77,6 @@ def make_step(method: str, options: dict, model):
 def measure(method: str, options: dict, checkpointing: bool, chunked: bool, batch: int, seq: int) -> dict:
     """Peak memory of ``STEPS`` training steps on the GPU, with the loss ``peftlab finetune`` uses
     (chunked: ``causal_lm_loss`` in ``slice_tokens`` slices) or transformers' own."""
-    from peftlab import PeftModel
     from peftlab.train.loss import causal_lm_loss, slice_tokens
 
     device = torch.device("cuda")
@@ -89,10 +88,9 @@ def measure(method: str, options: dict, checkpointing: bool, chunked: bool, batc
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    language_model = model.base_model if isinstance(model, PeftModel) else model
     chunk = slice_tokens(LLAMA_1B["vocab_size"])
     for ids in data:
-        step(causal_lm_loss(language_model, ids, chunk_size=chunk) if chunked
+        step(causal_lm_loss(model, ids, chunk_size=chunk) if chunked
              else model(input_ids=ids, labels=ids, use_cache=False).loss)
     torch.cuda.synchronize()
     return {"status": "ok", "measured_bytes": torch.cuda.max_memory_allocated(),

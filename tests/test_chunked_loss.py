@@ -95,6 +95,7 @@ def test_obstacles_are_named_and_plain_heads_have_none():
     # a trained copy of the head lives in a hook that reading head.weight would bypass
     wrapped = peftlab.wrap(make_llama(), LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
     assert "forward hooks" in chunked_loss_obstacle(wrapped.base_model)
+    assert chunked_loss_obstacle(wrapped) == chunked_loss_obstacle(wrapped.base_model)  # a PeftModel is unwrapped
     with pytest.raises(ValueError, match="forward hooks"):
         causal_lm_loss(wrapped.base_model, torch.zeros(1, 4, dtype=torch.long))
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..model import PeftModel
+
 __all__ = ["chunked_linear_cross_entropy", "causal_lm_loss", "chunked_loss_obstacle", "slice_tokens"]
 
 
@@ -115,6 +117,11 @@ def slice_tokens(vocab: int) -> int:
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
 
 
+def _language_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a ``PeftModel`` (whose ``base_model`` is it), or ``model`` itself."""
+    return model.base_model if isinstance(model, PeftModel) else model
+
+
 def chunked_loss_obstacle(model: nn.Module) -> str | None:
     """Why :func:`causal_lm_loss` cannot stand in for ``model(..., labels=...).loss``, or None when it can.
 
@@ -123,6 +130,7 @@ def chunked_loss_obstacle(model: nn.Module) -> str | None:
     head that is a plain ``nn.Linear`` with nothing hooked onto it (an adapter's trained copy or
     offloading would be bypassed).
     """
+    model = _language_model(model)
     config = getattr(model, "config", None)
     for field in _LOGIT_TRANSFORMS:
         value = getattr(config, field, None)
@@ -148,7 +156,8 @@ def causal_lm_loss(
     chunk_size: int = 1024,
     ignore_index: int = -100,
 ) -> torch.Tensor:
-    """Next-token loss of a Hugging Face causal LM, as ``model(..., labels=labels).loss``, chunked.
+    """Next-token loss of a Hugging Face causal LM (or a ``PeftModel`` of one), as
+    ``model(..., labels=labels).loss``, chunked.
 
     Runs the backbone (``model.base_model``), then the chunked cross-entropy against the output
     embedding (``model.get_output_embeddings()``), with labels shifted one position left. Labels
@@ -159,6 +168,7 @@ def causal_lm_loss(
     obstacle = chunked_loss_obstacle(model)
     if obstacle is not None:
         raise ValueError(f"causal_lm_loss: {obstacle}; use the model's own loss for this model")
+    model = _language_model(model)
     head = model.get_output_embeddings()
     if labels is None:
         labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, ignore_index)

@@ -24,7 +24,6 @@ import yaml
 from rich.console import Console
 
 from ..errors import PeftlabError
-from ..model import PeftModel
 from . import setup
 from .config import ADALOMO, LOMO, RunConfig
 from .data import Collator, TokenizedDataset, batch_order, prepare_data
@@ -106,15 +105,11 @@ class Trainer:
             return None, "the model's own (train.chunked_loss is false)"
         if self.world > 1:  # the backbone would be called around the DDP wrapper, which syncs gradients
             return None, "the model's own (chunked loss runs on one process only)"
-        obstacle = chunked_loss_obstacle(self._language_model())
+        obstacle = chunked_loss_obstacle(self.model)
         if obstacle is not None:
             return None, f"the model's own ({obstacle})"
-        vocab = self._language_model().get_output_embeddings().out_features
-        chunk = slice_tokens(vocab)
+        chunk = slice_tokens(self.model.get_output_embeddings().out_features)
         return chunk, f"chunked cross-entropy, {chunk}-token slices (the full logits are never built)"
-
-    def _language_model(self) -> torch.nn.Module:
-        return self.model.base_model if isinstance(self.model, PeftModel) else self.model
 
     # --- data ------------------------------------------------------------------------------
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
@@ -224,7 +219,7 @@ class Trainer:
     def _forward_backward(self, batch: dict, last: bool, scale: float) -> float:
         with self.accelerator.autocast():
             if self.loss_chunk:
-                loss = causal_lm_loss(self._language_model(), batch["input_ids"], labels=batch["labels"],
+                loss = causal_lm_loss(self.model, batch["input_ids"], labels=batch["labels"],
                                       attention_mask=batch.get("attention_mask"),
                                       position_ids=batch.get("position_ids"), chunk_size=self.loss_chunk)
             else:
