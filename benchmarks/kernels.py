@@ -127,10 +127,10 @@ def activations(m: int, k: int, count: int) -> list[torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------- measurements
-FORWARD_KINDS = ("gemv1", "gemv", "fused_small", "fused", "chunked")
-BACKWARD_KINDS = ("grad_fused", "grad_chunked")
+FORWARD_KINDS = ("gemv1", "gemv", "fused_small", "fused", "chunked", "overlap")
+BACKWARD_KINDS = ("grad_fused", "grad_chunked", "grad_overlap")
 _RANGE = {"gemv1": (1, 1), "gemv": (1, 4), "fused_small": (1, 64), "fused": (16, 256), "chunked": (16, 4096),
-          "grad_fused": (1, 64), "grad_chunked": (1, 4096)}
+          "overlap": (256, 4096), "grad_fused": (1, 64), "grad_chunked": (1, 4096), "grad_overlap": (256, 4096)}
 
 
 def _kernel_fn(kind: str, cfg):
@@ -141,11 +141,11 @@ def _kernel_fn(kind: str, cfg):
         return lambda x, w: gemv.gemv(x, w, None, tuning.blocks_per_step(cfg, w.blocksize))
     if kind in ("fused", "fused_small"):
         return lambda x, w: gemm.matmul(x, w, None, tuning.blocks_per_step(cfg, w.blocksize))
-    if kind == "chunked":
-        return lambda x, w: chunked.matmul(x, w, None, cfg["chunk_elems"])
+    if kind in ("chunked", "overlap"):
+        return lambda x, w: chunked.matmul(x, w, None, cfg["chunk_elems"], overlap=kind == "overlap")
     if kind == "grad_fused":
         return lambda g, w: gemm.matmul_grad_input(g, w, tuning.blocks_per_step(cfg, w.blocksize))
-    return lambda g, w: chunked.matmul_grad_input(g, w, cfg["chunk_elems"])
+    return lambda g, w: chunked.matmul_grad_input(g, w, cfg["chunk_elems"], overlap=kind == "grad_overlap")
 
 
 def _candidates(kinds, candidates, m, inputs, ops, target) -> list[dict]:
@@ -283,7 +283,7 @@ def print_tuning_tables(rows: list[dict]) -> None:
             best = r.get(field)
             if best:
                 kind = "fused" if best["kind"] == "fused_small" else best["kind"].replace("grad_", "")
-                cfg = best["config"]["chunk_elems"] if kind == "chunked" else best["config"]
+                cfg = best["config"]["chunk_elems"] if kind in ("chunked", "overlap") else best["config"]
                 table.setdefault((r["N"], r["K"]), {})[r["M"]] = (kind, cfg, best["ms"])
         print(f"{name} = {{")
         for shape in sorted(table):

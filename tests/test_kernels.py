@@ -134,6 +134,10 @@ else:
         grad = _inputs(3, 40, 40)[0].float()
         out = chunked.matmul_grad_input(grad, weight, chunk_elems=40 * 64)  # one block column per chunk
         assert _rel(out, grad @ ref) < 1e-6
+        # Off CUDA there is no side stream: overlap runs the same chunks in order.
+        assert torch.equal(chunked.matmul_grad_input(grad, weight, 40 * 64, overlap=True), out)
+        # The dispatcher overlaps only under CUDA-graph capture and for two or more whole chunks.
+        assert not chunked.overlap_pays(weight, 40 * 64)
 
     def test_plans_follow_the_measured_tables():
         from peftlab.quant.kernels import tuning

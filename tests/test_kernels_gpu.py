@@ -76,7 +76,7 @@ def _forced_configs():
     """(kind, config) of every sweep candidate and every table entry; chunk configs as element counts."""
     from peftlab.quant.kernels import tuning
 
-    forced = [(kind, cfg["chunk_elems"] if "chunked" in kind else cfg)
+    forced = [(kind, cfg["chunk_elems"] if "chunked" in kind or "overlap" in kind else cfg)
               for kind, configs in tuning.sweep_candidates().items() if kind != "dequant" for cfg in configs]
     forced += [(kind, cfg) for row in tuning.FORWARD.values() for kind, cfg in row.values()]
     forced += [("grad_" + kind, cfg) for row in tuning.BACKWARD.values() for kind, cfg in row.values()]
@@ -105,6 +105,8 @@ def test_every_candidate_and_table_config_is_correct(m, dtype):
         "chunked": lambda cfg: chunked.matmul(x, weight, b, cfg),
         "grad_fused": lambda cfg: gemm.matmul_grad_input(grad, weight, blocks_per_step(cfg, 64)),
         "grad_chunked": lambda cfg: chunked.matmul_grad_input(grad, weight, cfg),
+        "overlap": lambda cfg: chunked.matmul(x, weight, b, cfg, overlap=True),
+        "grad_overlap": lambda cfg: chunked.matmul_grad_input(grad, weight, cfg, overlap=True),
     }
     for kind, config in _forced_configs():
         target = expect_grad if kind.startswith("grad") else expect
@@ -147,3 +149,37 @@ def test_every_output_element_is_written():
         torch.full((64 << 20,), float("nan"), device=DEVICE)
         out = nf4_matmul(x, packed, state)
         assert torch.isfinite(out).all()
+
+
+def test_overlapped_chunks_equal_sequential_chunks_eagerly_and_in_a_graph():
+    """The next chunk's dequantize runs on a side stream; results must not change, also when replayed."""
+    from peftlab.quant.kernels import NF4Weight, chunked
+
+    n, k = 520, 4160
+    packed, state, ref = _weight(n, k)
+    weight = NF4Weight.from_state(packed, state)
+    x, grad = _x(300, k, torch.bfloat16), _x(300, n, torch.bfloat16, seed=2)
+    b = (torch.randn(n, device=DEVICE) * 0.1).to(torch.bfloat16)
+    rows, cols = 128 * k, 64 * n  # 5 row chunks (the last one short), 65 column chunks
+
+    def both():
+        return (chunked.matmul(x, weight, b, rows, overlap=True),
+                chunked.matmul_grad_input(grad, weight, cols, overlap=True))
+
+    out, dx = both()
+    assert torch.equal(out, chunked.matmul(x, weight, b, rows))
+    assert torch.equal(dx, chunked.matmul_grad_input(grad, weight, cols))
+    assert _rel(out, x.float() @ ref.t() + b.float()) < 1e-2 and _rel(dx, grad.float() @ ref) < 1e-2
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        both()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_out, graph_dx = both()
+    x.copy_(_x(300, k, torch.bfloat16, seed=3))
+    grad.copy_(_x(300, n, torch.bfloat16, seed=4))
+    graph.replay()
+    assert torch.equal(graph_out, chunked.matmul(x, weight, b, rows))
+    assert torch.equal(graph_dx, chunked.matmul_grad_input(grad, weight, cols))

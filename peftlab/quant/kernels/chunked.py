@@ -1,16 +1,25 @@
 """Large-M path: dequantize the weight, whole or a chunk at a time, then cuBLAS.
 
-With chunks, one scratch buffer of ``chunk_elems`` elements is reused for every chunk (both
-steps run in order on the caller's stream), so no dequantized copy of the whole weight is
-alive. Nothing is kept between calls either way. Whether chunks pay is measured per shape
-(see ``tuning``): the GEMMs get narrower, which often costs more than the L2 reuse saves.
+With chunks, scratch buffers of ``chunk_elems`` elements are reused for every chunk, so no
+dequantized copy of the whole weight is alive. ``overlap`` dequantizes the next chunk on a side
+stream into a second buffer while cuBLAS multiplies the current one: the memory-bound dequantize
+then hides behind the compute-bound GEMM instead of adding to it. Nothing is kept between calls.
+Whether chunks (and which kind) pay is measured per shape (see ``tuning``).
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
 from peftlab.quant.kernels.dequant import dequantize
 from peftlab.quant.kernels.weights import NF4Weight
+
+# On CUDA, chunks of output rows are multiples of this, so every output column slice starts
+# 16-byte aligned and fills whole cuBLAS tiles (unaligned slices fall back to kernels ~3x slower).
+ROW_ALIGN = 128
+
+_side_streams: dict[torch.device, torch.cuda.Stream] = {}
 
 
 def _chunk(total: int, other: int, chunk_elems: int | None, align: int) -> int:
@@ -21,34 +30,96 @@ def _chunk(total: int, other: int, chunk_elems: int | None, align: int) -> int:
     return min(total, length)
 
 
-def matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, chunk_elems: int | None) -> torch.Tensor:
+def overlap_pays(weight: NF4Weight, chunk_elems: int) -> bool:
+    """Whether an ``overlap`` plan runs as such: only while a CUDA graph is captured (eagerly its
+    streams and events cost more host time than it saves: a QLoRA training step of the 1.1B
+    Llama fell from 15.0k to 11.7k tokens/s) and for weights of two or more whole chunks (with
+    fewer, the exposed first dequantize and short GEMMs ate the gain)."""
+    return (weight.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+            and weight.n * weight.k >= 2 * chunk_elems)
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    if device not in _side_streams:
+        _side_streams[device] = torch.cuda.Stream(device)
+    return _side_streams[device]
+
+
+def _run_chunks(starts: list[int], buffers: list[torch.Tensor], fill: Callable, use: Callable) -> None:
+    """``use(start, fill(start, buffer))`` for every chunk start, in order.
+
+    With two buffers on a CUDA device, chunk i+1 is filled on a side stream while chunk i is used
+    on the current one; events order each fill after the last use of its buffer and each use
+    after its fill, and every side-stream op precedes the last use, so the caller's stream (and
+    the caching allocator, which frees ``buffers`` on it) sees the work as its own. Also under
+    CUDA-graph capture, where the events become graph edges.
+    """
+    if len(buffers) < 2 or buffers[0].device.type != "cuda":
+        for start in starts:
+            use(start, fill(start, buffers[0]))
+        return
+    main = torch.cuda.current_stream(buffers[0].device)
+    side = _side_stream(buffers[0].device)
+    side.wait_stream(main)
+    last_use: list[torch.cuda.Event | None] = [None, None]
+
+    def fill_ahead(i: int):
+        with torch.cuda.stream(side):
+            if last_use[i % 2] is not None:
+                side.wait_event(last_use[i % 2])
+            piece = fill(starts[i], buffers[i % 2])
+            filled = torch.cuda.Event()
+            filled.record(side)
+        return piece, filled
+
+    pending = fill_ahead(0)
+    for i, start in enumerate(starts):
+        piece, filled = pending
+        if i + 1 < len(starts):
+            pending = fill_ahead(i + 1)
+        main.wait_event(filled)
+        use(start, piece)
+        used = torch.cuda.Event()
+        used.record(main)
+        last_use[i % 2] = used
+
+
+def matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, chunk_elems: int | None,
+           overlap: bool = False) -> torch.Tensor:
     """``x [m, k] @ W.T (+ bias)``, dequantizing ``chunk_elems`` weight elements (whole rows) at a time.
 
-    ``chunk_elems=None`` dequantizes the whole weight once (any shape and blocksize).
+    ``chunk_elems=None`` dequantizes the whole weight once (any shape and blocksize); ``overlap``
+    dequantizes the next chunk while the current one is multiplied (CUDA; two scratch buffers).
     """
     if chunk_elems is None or not weight.row_aligned:
         return torch.nn.functional.linear(x, dequantize(weight, x.dtype), bias)
-    rows = _chunk(weight.n, weight.k, chunk_elems, 1)
+    rows = _chunk(weight.n, weight.k, chunk_elems, ROW_ALIGN if x.is_cuda else 1)
     if rows >= weight.n:
         return torch.nn.functional.linear(x, dequantize(weight, x.dtype), bias)
     out = torch.empty(x.shape[0], weight.n, dtype=x.dtype, device=x.device)
-    scratch = torch.empty(rows, weight.k, dtype=x.dtype, device=x.device)
-    for start in range(0, weight.n, rows):
+    buffers = [torch.empty(rows, weight.k, dtype=x.dtype, device=x.device) for _ in range(1 + overlap)]
+
+    def fill(start: int, scratch: torch.Tensor) -> torch.Tensor:
         count = min(rows, weight.n - start)
-        w = dequantize(weight, x.dtype, row_start=start, row_count=count, out=scratch[:count])
-        target = out[:, start:start + count]  # a strided view cuBLAS writes in place
+        return dequantize(weight, x.dtype, row_start=start, row_count=count, out=scratch[:count])
+
+    def use(start: int, w: torch.Tensor) -> None:
+        target = out[:, start:start + w.shape[0]]  # a strided view cuBLAS writes in place
         if bias is None:
             torch.mm(x, w.t(), out=target)
         else:
-            torch.addmm(bias[start:start + count], x, w.t(), out=target)
+            torch.addmm(bias[start:start + w.shape[0]], x, w.t(), out=target)
+
+    _run_chunks(list(range(0, weight.n, rows)), buffers, fill, use)
     return out
 
 
-def matmul_grad_input(grad: torch.Tensor, weight: NF4Weight, chunk_elems: int | None) -> torch.Tensor:
+def matmul_grad_input(grad: torch.Tensor, weight: NF4Weight, chunk_elems: int | None,
+                      overlap: bool = False) -> torch.Tensor:
     """``grad [m, n] @ W -> [m, k]``, dequantizing block-aligned column slices of W at a time.
 
     Column slices keep the whole reduction over n inside one GEMM, so each output element is
-    rounded once, exactly as with a fully dequantized weight.
+    rounded once, exactly as with a fully dequantized weight. ``overlap`` as in :func:`matmul`.
     """
     if chunk_elems is None or not weight.row_aligned:
         return grad @ dequantize(weight, grad.dtype)
@@ -56,10 +127,15 @@ def matmul_grad_input(grad: torch.Tensor, weight: NF4Weight, chunk_elems: int | 
     if cols >= weight.k:
         return grad @ dequantize(weight, grad.dtype)
     out = torch.empty(grad.shape[0], weight.k, dtype=grad.dtype, device=grad.device)
-    scratch = torch.empty(weight.n * cols, dtype=grad.dtype, device=grad.device)
-    for start in range(0, weight.k, cols):
+    buffers = [torch.empty(weight.n * cols, dtype=grad.dtype, device=grad.device) for _ in range(1 + overlap)]
+
+    def fill(start: int, scratch: torch.Tensor) -> torch.Tensor:
         count = min(cols, weight.k - start)
-        w = dequantize(weight, grad.dtype, col_start=start, col_count=count,
-                       out=scratch[:weight.n * count].view(weight.n, count))
-        torch.mm(grad, w, out=out[:, start:start + count])
+        return dequantize(weight, grad.dtype, col_start=start, col_count=count,
+                          out=scratch[:weight.n * count].view(weight.n, count))
+
+    def use(start: int, w: torch.Tensor) -> None:
+        torch.mm(grad, w, out=out[:, start:start + w.shape[1]])
+
+    _run_chunks(list(range(0, weight.k, cols)), buffers, fill, use)
     return out

@@ -39,7 +39,8 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, state: Any, bias: torch.Te
     """``x @ W.T + bias`` for an NF4 weight ``W [n, k]``; ``x [..., k]`` bf16/fp16/fp32 -> ``[..., n]``.
 
     Few rows stream the packed weight through a GEMV, mid sizes dequantize tiles inside a
-    tensor-core kernel, large ones dequantize the weight (whole or in chunks) for cuBLAS;
+    tensor-core kernel, large ones dequantize the weight (whole or in chunks, the next chunk
+    while cuBLAS multiplies the current one) for cuBLAS;
     ``tuning`` holds the measured choice per shape.
     """
     return matmul(x, NF4Weight.from_state(packed, state), bias)
@@ -61,7 +62,8 @@ def matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = None)
         elif kind == "fused" and weight.row_aligned:
             out = gemm.matmul(x2, weight, bias, config)
         else:
-            out = chunked.matmul(x2, weight, bias, config if kind == "chunked" else None)
+            overlap = kind == "overlap" and chunked.overlap_pays(weight, config)
+            out = chunked.matmul(x2, weight, bias, config if kind == "chunked" or overlap else None, overlap)
     return out.reshape(*x.shape[:-1], weight.n)
 
 
@@ -84,7 +86,8 @@ def matmul_grad_input(grad_out: torch.Tensor, weight: NF4Weight) -> torch.Tensor
         elif kind == "fused" and weight.row_aligned:
             out = gemm.matmul_grad_input(g2, weight, config)
         else:
-            out = chunked.matmul_grad_input(g2, weight, config if kind == "chunked" else None)
+            overlap = kind == "overlap" and chunked.overlap_pays(weight, config)
+            out = chunked.matmul_grad_input(g2, weight, config if kind == "chunked" or overlap else None, overlap)
     return out.reshape(*grad_out.shape[:-1], weight.k)
 
 

@@ -4,11 +4,13 @@
 rows ``M`` that ``python benchmarks/kernels.py --sweep`` measured on an H100 (bf16, blocksize
 64, double quantization; see the ``best_forward``/``best_backward`` entries of
 ``benchmarks/results/kernels-h100.json``; the M=1 rows come from a later sweep of the one-row
-GEMV with next-row prefetch, ``kernels-gemv-prefetch-h100.json``), the fastest kernel and config. Other shapes use the
+GEMV with next-row prefetch, ``kernels-gemv-prefetch-h100.json``; the ``overlap`` entries from
+alternating-round timings at M=4096, ``kernels-overlap-h100.json``), the fastest kernel and config. Other shapes use the
 nearest measured shape (in log N, log K) and other M the nearest measured M (in log M, ties
 going to the larger M). Kinds: ``gemv1`` (persistent one-row GEMV), ``gemv`` (CUDA-core GEMV),
 ``fused`` (dequantize tiles into ``tl.dot``), ``chunked`` (dequantize into a scratch buffer +
-cuBLAS; the value is the chunk size in elements, ``None`` for the whole weight at once). The
+cuBLAS; the value is the chunk size in elements, ``None`` for the whole weight at once), ``overlap``
+(chunks as ``chunked``, the next one dequantized on a side stream during the current GEMM). The
 comments give the measured time. ``gemv1`` appears only under M=1, the only M that maps to it.
 """
 from __future__ import annotations
@@ -28,7 +30,7 @@ FORWARD = {
         64: ('fused', {'BM': 64, 'BN': 128, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 20.6 us
         256: ('chunked', None),  # 33.9 us
         1024: ('chunked', None),  # 60.5 us
-        4096: ('chunked', None),  # 201.2 us
+        4096: ('overlap', 8388608),  # 213.8 us vs 217.9 whole (overlap_ab)
     },
     (4096, 11008): {
         1: ('gemv1', {'PROGRAMS_PER_SM': 6, 'CHUNK_BLOCKS': 64, 'VEC': 16, 'num_warps': 4}),  # 23.4 us
@@ -46,7 +48,7 @@ FORWARD = {
         64: ('fused', {'BM': 64, 'BN': 64, 'BK': 128, 'SPLIT_K': 2, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 45.7 us
         256: ('chunked', None),  # 84.0 us
         1024: ('chunked', None),  # 171.6 us
-        4096: ('chunked', 33554432),  # 511.6 us
+        4096: ('overlap', 8388608),  # 538.2 us vs 617.8 whole, 574.0 in 32M chunks (overlap_ab)
     },
     (14336, 4096): {
         1: ('gemv1', {'PROGRAMS_PER_SM': 6, 'CHUNK_BLOCKS': 64, 'VEC': 16, 'num_warps': 4}),  # 25.2 us
@@ -55,7 +57,7 @@ FORWARD = {
         64: ('fused', {'BM': 64, 'BN': 128, 'BK': 128, 'SPLIT_K': 2, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 46.0 us
         256: ('chunked', None),  # 110.2 us
         1024: ('chunked', None),  # 214.2 us
-        4096: ('chunked', None),  # 701.3 us
+        4096: ('overlap', 8388608),  # 702.1 us vs 771.6 whole (overlap_ab)
     },
 }
 
@@ -76,7 +78,7 @@ BACKWARD = {
         64: ('fused', {'BM': 64, 'BR': 128, 'BK': 128, 'SPLIT_K': 4, 'num_warps': 8, 'num_stages': 3}),  # 44.7 us
         256: ('chunked', None),  # 85.5 us
         1024: ('chunked', 33554432),  # 168.5 us
-        4096: ('chunked', 16777216),  # 570.9 us
+        4096: ('overlap', 8388608),  # 534.7 us vs 598.4 whole, 591.4 in 16M chunks (overlap_ab)
     },
     (11008, 4096): {
         1: ('fused', {'BM': 16, 'BR': 64, 'BK': 128, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 3}),  # 43.5 us
@@ -178,20 +180,20 @@ def blocks_per_step(config: dict, blocksize: int) -> dict:
 
 @functools.lru_cache(maxsize=4096)  # asked on every call; the answer depends only on the arguments
 def forward_plan(m: int, n: int, k: int, blocksize: int, dtype: torch.dtype) -> tuple[str, object]:
-    """``("gemv" | "fused", config)`` or ``("chunked", chunk_elems)`` for ``[m, k] @ [n, k].T``."""
+    """``("gemv1" | "gemv" | "fused", config)`` or ``("chunked" | "overlap", chunk_elems)`` for ``[m, k] @ [n, k].T``."""
     if dtype == torch.float32:  # tl.dot would round fp32 to tf32; CUDA cores or cuBLAS keep fp32
         return ("gemv", blocks_per_step(_FP32_GEMV, blocksize)) if m <= 16 else ("chunked", None)
     kind, config = _lookup(FORWARD, m, n, k)
-    return (kind, config) if kind in ("chunked", "gemv1") else (kind, blocks_per_step(config, blocksize))
+    return (kind, config) if kind in ("chunked", "overlap", "gemv1") else (kind, blocks_per_step(config, blocksize))
 
 
 @functools.lru_cache(maxsize=4096)
 def grad_input_plan(m: int, n: int, k: int, blocksize: int, dtype: torch.dtype) -> tuple[str, object]:
-    """``("fused", config)`` or ``("chunked", chunk_elems)`` for ``[m, n] @ [n, k]``."""
+    """``("fused", config)`` or ``("chunked" | "overlap", chunk_elems)`` for ``[m, n] @ [n, k]``."""
     if dtype == torch.float32:
         return "chunked", None
     kind, config = _lookup(BACKWARD, m, n, k)
-    return (kind, config) if kind == "chunked" else (kind, blocks_per_step(config, blocksize))
+    return (kind, config) if kind in ("chunked", "overlap") else (kind, blocks_per_step(config, blocksize))
 
 
 def dequant_blocks_per_program(blocksize: int) -> int:
@@ -253,7 +255,9 @@ def sweep_candidates() -> dict:
         "fused": [_fused(64, 128, 128, 4, 3, 2), _fused(64, 64, 128, 4, 3, 2), _fused(64, 128, 128, 4, 3, 4),
                   _fused(64, 64, 128, 4, 3)],
         "chunked": [{"chunk_elems": None}, {"chunk_elems": 32 << 20}],
+        "overlap": [{"chunk_elems": e << 20} for e in (8, 12, 16)],
         "grad_fused": [_grad(16, 64, 256, 4, 3, 4), _grad(16, 64, 128, 4, 3, 8), _grad(64, 128, 128, 8, 3, 4),
                        _grad(128, 128, 64, 8, 3, 2), _grad(64, 128, 128, 8, 3), _grad(128, 128, 64, 8, 3)],
         "grad_chunked": [{"chunk_elems": None}, {"chunk_elems": 16 << 20}, {"chunk_elems": 32 << 20}],
+        "grad_overlap": [{"chunk_elems": e << 20} for e in (8, 16)],
     }
