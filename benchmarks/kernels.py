@@ -141,11 +141,11 @@ def _kernel_fn(kind: str, cfg):
         return lambda x, w: gemv.gemv(x, w, None, tuning.blocks_per_step(cfg, w.blocksize))
     if kind in ("fused", "fused_small"):
         return lambda x, w: gemm.matmul(x, w, None, tuning.blocks_per_step(cfg, w.blocksize))
-    if kind in ("chunked", "overlap"):
-        return lambda x, w: chunked.matmul(x, w, None, cfg["chunk_elems"], overlap=kind == "overlap")
+    if kind in ("chunked", "overlap"):  # as the dispatcher runs the plan (overlap only where it pays)
+        return lambda x, w: chunked.matmul(x, w, None, *chunked.plan_chunks(kind, cfg["chunk_elems"], w))
     if kind == "grad_fused":
         return lambda g, w: gemm.matmul_grad_input(g, w, tuning.blocks_per_step(cfg, w.blocksize))
-    return lambda g, w: chunked.matmul_grad_input(g, w, cfg["chunk_elems"], overlap=kind == "grad_overlap")
+    return lambda g, w: chunked.matmul_grad_input(g, w, *chunked.plan_chunks(kind.removeprefix("grad_"), cfg["chunk_elems"], w))
 
 
 def _candidates(kinds, candidates, m, inputs, ops, target) -> list[dict]:

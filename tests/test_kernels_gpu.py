@@ -183,3 +183,30 @@ def test_overlapped_chunks_equal_sequential_chunks_eagerly_and_in_a_graph():
     graph.replay()
     assert torch.equal(graph_out, chunked.matmul(x, weight, b, rows))
     assert torch.equal(graph_dx, chunked.matmul_grad_input(grad, weight, cols))
+
+
+def test_overlap_plans_overlap_only_under_graph_capture():
+    """The dispatcher runs a table's ``overlap`` entry overlapped inside a CUDA graph, whole-weight eagerly."""
+    from peftlab.quant.kernels import NF4Weight, chunked, nf4_matmul, tuning
+
+    n, k, m = 11008, 4096, 4096
+    kind, chunk = tuning.forward_plan(m, n, k, 64, torch.bfloat16)
+    assert kind == "overlap"
+    packed, state, ref = _weight(n, k)
+    weight = NF4Weight.from_state(packed, state)
+    assert chunked.plan_chunks(kind, chunk, weight) == (None, False)
+    x = _x(m, k, torch.bfloat16)
+    expect = x.float() @ ref.t()
+    assert _rel(nf4_matmul(x, packed, state), expect) < 1e-2
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        nf4_matmul(x, packed, state)
+    torch.cuda.current_stream().wait_stream(side)
+    graph, plans = torch.cuda.CUDAGraph(), []
+    with torch.cuda.graph(graph):
+        plans.append(chunked.plan_chunks(kind, chunk, weight))
+        out = nf4_matmul(x, packed, state)
+    graph.replay()
+    assert plans == [(chunk, True)]
+    assert _rel(out, expect) < 1e-2

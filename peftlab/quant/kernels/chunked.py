@@ -39,6 +39,14 @@ def overlap_pays(weight: NF4Weight, chunk_elems: int) -> bool:
             and weight.n * weight.k >= 2 * chunk_elems)
 
 
+def plan_chunks(kind: str, config: int | None, weight: NF4Weight) -> tuple[int | None, bool]:
+    """``(chunk_elems, overlap)`` for a ``chunked`` or ``overlap`` plan of ``tuning`` (another kind:
+    the whole weight); an ``overlap`` plan that does not pay here runs on the whole weight."""
+    if kind == "overlap":
+        return (config, True) if overlap_pays(weight, config) else (None, False)
+    return (config if kind == "chunked" else None), False
+
+
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
     if device not in _side_streams:
         _side_streams[device] = torch.cuda.Stream(device)

@@ -62,8 +62,7 @@ def matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = None)
         elif kind == "fused" and weight.row_aligned:
             out = gemm.matmul(x2, weight, bias, config)
         else:
-            overlap = kind == "overlap" and chunked.overlap_pays(weight, config)
-            out = chunked.matmul(x2, weight, bias, config if kind == "chunked" or overlap else None, overlap)
+            out = chunked.matmul(x2, weight, bias, *chunked.plan_chunks(kind, config, weight))
     return out.reshape(*x.shape[:-1], weight.n)
 
 
@@ -86,8 +85,7 @@ def matmul_grad_input(grad_out: torch.Tensor, weight: NF4Weight) -> torch.Tensor
         elif kind == "fused" and weight.row_aligned:
             out = gemm.matmul_grad_input(g2, weight, config)
         else:
-            overlap = kind == "overlap" and chunked.overlap_pays(weight, config)
-            out = chunked.matmul_grad_input(g2, weight, config if kind == "chunked" or overlap else None, overlap)
+            out = chunked.matmul_grad_input(g2, weight, *chunked.plan_chunks(kind, config, weight))
     return out.reshape(*grad_out.shape[:-1], weight.k)
 
 

@@ -30,7 +30,7 @@ FORWARD = {
         64: ('fused', {'BM': 64, 'BN': 128, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 20.6 us
         256: ('chunked', None),  # 33.9 us
         1024: ('chunked', None),  # 60.5 us
-        4096: ('overlap', 8388608),  # 213.8 us vs 217.9 whole (overlap_ab)
+        4096: ('overlap', 8388608),  # 213.8 us vs 217.9 whole (alternating rounds)
     },
     (4096, 11008): {
         1: ('gemv1', {'PROGRAMS_PER_SM': 6, 'CHUNK_BLOCKS': 64, 'VEC': 16, 'num_warps': 4}),  # 23.4 us
@@ -48,7 +48,7 @@ FORWARD = {
         64: ('fused', {'BM': 64, 'BN': 64, 'BK': 128, 'SPLIT_K': 2, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 45.7 us
         256: ('chunked', None),  # 84.0 us
         1024: ('chunked', None),  # 171.6 us
-        4096: ('overlap', 8388608),  # 538.2 us vs 617.8 whole, 574.0 in 32M chunks (overlap_ab)
+        4096: ('overlap', 8388608),  # 538.2 us vs 617.8 whole, 574.0 in 32M chunks (alternating rounds)
     },
     (14336, 4096): {
         1: ('gemv1', {'PROGRAMS_PER_SM': 6, 'CHUNK_BLOCKS': 64, 'VEC': 16, 'num_warps': 4}),  # 25.2 us
@@ -57,7 +57,7 @@ FORWARD = {
         64: ('fused', {'BM': 64, 'BN': 128, 'BK': 128, 'SPLIT_K': 2, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 46.0 us
         256: ('chunked', None),  # 110.2 us
         1024: ('chunked', None),  # 214.2 us
-        4096: ('overlap', 8388608),  # 702.1 us vs 771.6 whole (overlap_ab)
+        4096: ('overlap', 8388608),  # 702.1 us vs 771.6 whole (alternating rounds)
     },
 }
 
@@ -78,7 +78,7 @@ BACKWARD = {
         64: ('fused', {'BM': 64, 'BR': 128, 'BK': 128, 'SPLIT_K': 4, 'num_warps': 8, 'num_stages': 3}),  # 44.7 us
         256: ('chunked', None),  # 85.5 us
         1024: ('chunked', 33554432),  # 168.5 us
-        4096: ('overlap', 8388608),  # 534.7 us vs 598.4 whole, 591.4 in 16M chunks (overlap_ab)
+        4096: ('overlap', 8388608),  # 534.7 us vs 598.4 whole, 591.4 in 16M chunks (alternating rounds)
     },
     (11008, 4096): {
         1: ('fused', {'BM': 16, 'BR': 64, 'BK': 128, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 3}),  # 43.5 us
