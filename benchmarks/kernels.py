@@ -33,6 +33,7 @@ from peftlab.quant.kernels import (  # noqa: E402
     gemv,
     nf4_matmul,
     nf4_matmul_grad_input,
+    skinny,
     tuning,  # noqa: E402
 )
 from peftlab.quant.kernels.dequant import dequantize  # noqa: E402
@@ -127,9 +128,9 @@ def activations(m: int, k: int, count: int) -> list[torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------- measurements
-FORWARD_KINDS = ("gemv1", "gemv", "fused_small", "fused", "chunked", "overlap")
+FORWARD_KINDS = ("gemv1", "gemv", "mma", "fused_small", "fused", "chunked", "overlap")
 BACKWARD_KINDS = ("grad_fused", "grad_chunked", "grad_overlap")
-_RANGE = {"gemv1": (1, 1), "gemv": (1, 4), "fused_small": (1, 64), "fused": (16, 256), "chunked": (16, 4096),
+_RANGE = {"gemv1": (1, 1), "gemv": (1, 4), "mma": (1, 16), "fused_small": (1, 64), "fused": (16, 256), "chunked": (16, 4096),
           "overlap": (256, 4096), "grad_fused": (1, 64), "grad_chunked": (1, 4096), "grad_overlap": (256, 4096)}
 
 
@@ -139,6 +140,8 @@ def _kernel_fn(kind: str, cfg):
         return lambda x, w: gemv.gemv_row(x, w, None, cfg)
     if kind == "gemv":
         return lambda x, w: gemv.gemv(x, w, None, tuning.blocks_per_step(cfg, w.blocksize))
+    if kind == "mma":
+        return lambda x, w: skinny.matmul(x, w, None, cfg)
     if kind in ("fused", "fused_small"):
         return lambda x, w: gemm.matmul(x, w, None, tuning.blocks_per_step(cfg, w.blocksize))
     if kind in ("chunked", "overlap"):  # as the dispatcher runs the plan (overlap only where it pays)

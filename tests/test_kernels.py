@@ -145,9 +145,11 @@ else:
         assert tuning.forward_plan(1, 11008, 4096, 64, torch.bfloat16)[0] == tuning.FORWARD[(11008, 4096)][1][0]
         assert all(tuning.forward_plan(m, 11008, 4096, 64, torch.bfloat16)[0] != "gemv1" for m in (2, 3, 16))
         # An unmeasured shape takes the nearest measured one; M=3 goes to the M=4 entry.
-        kind, config = tuning.forward_plan(3, 11000, 4100, 128, torch.float16)
-        assert kind == tuning.FORWARD[(11008, 4096)][4][0]
-        assert config["NB"] == max(1, tuning.FORWARD[(11008, 4096)][4][1]["BK"] // 128)
+        assert tuning.forward_plan(3, 11000, 4100, 128, torch.float16) == tuning.FORWARD[(11008, 4096)][4]
+        # ... and M=20 to the nearest entry whose kernel takes 20 rows (not the 16-row mma kernel).
+        kind, config = tuning.forward_plan(20, 11000, 4100, 128, torch.float16)
+        assert tuning.FORWARD[(11008, 4096)][16][0] == "mma" and (kind, kind) == (tuning.FORWARD[(11008, 4096)][64][0], "fused")
+        assert config["NB"] == max(1, tuning.FORWARD[(11008, 4096)][64][1]["BK"] // 128)
         # fp32 activations never reach tl.dot (it would round them to tf32).
         assert tuning.forward_plan(64, 4096, 4096, 64, torch.float32) == ("chunked", None)
         assert tuning.grad_input_plan(1, 4096, 4096, 64, torch.float32) == ("chunked", None)

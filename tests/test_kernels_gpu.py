@@ -87,7 +87,7 @@ def _forced_configs():
 @pytest.mark.parametrize("m", [1, 5, 40])
 def test_every_candidate_and_table_config_is_correct(m, dtype):
     """Each config the tables hold or may be tuned to, forced one at a time."""
-    from peftlab.quant.kernels import NF4Weight, chunked, gemm, gemv
+    from peftlab.quant.kernels import NF4Weight, chunked, gemm, gemv, skinny
     from peftlab.quant.kernels.tuning import blocks_per_step
 
     n, k = 520, 4160
@@ -100,6 +100,7 @@ def test_every_candidate_and_table_config_is_correct(m, dtype):
     run = {
         "gemv1": lambda cfg: gemv.gemv_row(x[:1], weight, b, cfg),
         "gemv": lambda cfg: gemv.gemv(x, weight, b, blocks_per_step(cfg, 64)),
+        "mma": lambda cfg: skinny.matmul(x[:16], weight, b, cfg),
         "fused": lambda cfg: gemm.matmul(x, weight, b, blocks_per_step(cfg, 64)),
         "fused_small": lambda cfg: gemm.matmul(x, weight, b, blocks_per_step(cfg, 64)),
         "chunked": lambda cfg: chunked.matmul(x, weight, b, cfg),
@@ -110,8 +111,50 @@ def test_every_candidate_and_table_config_is_correct(m, dtype):
     }
     for kind, config in _forced_configs():
         target = expect_grad if kind.startswith("grad") else expect
-        target = target[:1] if kind == "gemv1" else target  # one activation row
+        target = target[:1] if kind == "gemv1" else target[:16] if kind == "mma" else target
         assert _rel(run[kind](config), target) < _tol(dtype), (kind, config)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("blocksize,nested,k", [(64, True, 4160), (64, False, 2112), (64, True, 64), (32, True, 3232),
+                                                (32, False, 96), (128, True, 4224), (256, False, 4352)])
+@pytest.mark.parametrize("n", [520, 33])
+def test_skinny_mma_matches_reference(n, k, blocksize, nested, dtype):
+    """Tensor-core decode for 1-16 rows: both tiles, partial segments (K % 128 = 64 or K < 128),
+    partial 16-row groups, split K, one or several warps, with and without bias."""
+    from peftlab.quant.kernels import NF4Weight, skinny
+
+    packed, state, ref = _weight(n, k, blocksize, nested)
+    weight = NF4Weight.from_state(packed, state)
+    b = (torch.randn(n, device=DEVICE) * 0.1).to(dtype)
+    for m in (1, 2, 7, 8, 9, 16):
+        x = _x(m, k, dtype, seed=m)
+        for config, bias in (({"SPLIT": 1, "num_warps": 4}, b), ({"SPLIT": 3, "num_warps": 2}, None),
+                             ({"SPLIT": 1, "num_warps": 1}, None), ({"SPLIT": 2, "num_warps": 8}, b)):
+            assert skinny.supports(x, weight)
+            out = skinny.matmul(x, weight, bias, config)
+            expect = x.float() @ ref.t() + (bias.float() if bias is not None else 0)
+            assert out.shape == (m, n) and out.dtype == dtype
+            assert _rel(out, expect) < _tol(dtype), (m, config)
+
+
+def test_skinny_mma_takes_strided_activations_and_runs_in_a_graph():
+    from peftlab.quant.kernels import NF4Weight, skinny
+
+    packed, state, ref = _weight(520, 4160)
+    weight = NF4Weight.from_state(packed, state)
+    wide = _x(5, 4164, torch.bfloat16)
+    x = wide[:, 3:4163]  # row stride 4164, 2-byte offset: not an int64 view
+    config = {"SPLIT": 2, "num_warps": 4}
+    assert _rel(skinny.matmul(x, weight, None, config), x.float() @ ref.t()) < 1e-2
+    static = _x(5, 4160, torch.bfloat16)
+    skinny.matmul(static, weight, None, config)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = skinny.matmul(static, weight, None, config)
+    static.copy_(_x(5, 4160, torch.bfloat16, seed=9))
+    graph.replay()
+    assert _rel(out, static.float() @ ref.t()) < 1e-2
 
 
 @pytest.mark.parametrize("blocksize", [128, 256])

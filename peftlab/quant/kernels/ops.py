@@ -6,10 +6,10 @@ from typing import Any
 
 import torch
 
-from peftlab.quant.kernels import chunked, gemm
+from peftlab.quant.kernels import chunked, gemm, skinny
 from peftlab.quant.kernels.dequant import dequantize
 from peftlab.quant.kernels.gemv import gemv, gemv_row
-from peftlab.quant.kernels.tuning import forward_plan, grad_input_plan
+from peftlab.quant.kernels.tuning import GEMV_FALLBACK, blocks_per_step, forward_plan, grad_input_plan
 from peftlab.quant.kernels.weights import NF4KernelError, NF4Weight
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -38,7 +38,8 @@ def launch_device(device: torch.device):
 def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, state: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T + bias`` for an NF4 weight ``W [n, k]``; ``x [..., k]`` bf16/fp16/fp32 -> ``[..., n]``.
 
-    Few rows stream the packed weight through a GEMV, mid sizes dequantize tiles inside a
+    Few rows stream the packed weight through a GEMV or decode it in registers for tensor-core
+    ``mma`` (``skinny``), mid sizes dequantize tiles inside a
     tensor-core kernel, large ones dequantize the weight (whole or in chunks, the next chunk
     while cuBLAS multiplies the current one) for cuBLAS;
     ``tuning`` holds the measured choice per shape.
@@ -59,6 +60,10 @@ def matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = None)
             out = gemv_row(x2, weight, bias, config)
         elif kind == "gemv" and weight.row_aligned:
             out = gemv(x2, weight, bias, config)
+        elif kind == "mma" and skinny.supports(x2, weight):
+            out = skinny.matmul(x2, weight, bias, config)
+        elif kind == "mma" and weight.row_aligned:
+            out = gemv(x2, weight, bias, blocks_per_step(GEMV_FALLBACK, weight.blocksize))
         elif kind == "fused" and weight.row_aligned:
             out = gemm.matmul(x2, weight, bias, config)
         else:

@@ -5,13 +5,17 @@ rows ``M`` that ``python benchmarks/kernels.py --sweep`` measured on an H100 (bf
 64, double quantization; see the ``best_forward``/``best_backward`` entries of
 ``benchmarks/results/kernels-h100.json``; the M=1 rows come from a later sweep of the one-row
 GEMV with next-row prefetch, ``kernels-gemv-prefetch-h100.json``; the ``overlap`` entries from
-alternating-round timings at M=4096, ``kernels-overlap-h100.json``), the fastest kernel and config. Other shapes use the
-nearest measured shape (in log N, log K) and other M the nearest measured M (in log M, ties
-going to the larger M). Kinds: ``gemv1`` (persistent one-row GEMV), ``gemv`` (CUDA-core GEMV),
-``fused`` (dequantize tiles into ``tl.dot``), ``chunked`` (dequantize into a scratch buffer +
+alternating-round timings at M=4096, ``kernels-overlap-h100.json``; the ``mma`` entries and the M=1
+rows' comparisons with it from ``kernels-mma-h100.json``), the fastest kernel and config. Other
+shapes use the nearest measured shape (in log N, log K) and other M the nearest measured M that
+the entry's kernel can take (in log M, ties going to the larger M). Kinds: ``gemv1`` (persistent
+one-row GEMV), ``gemv`` (CUDA-core GEMV), ``mma`` (``skinny``: up to 16 rows, the weight decoded
+in registers for tensor-core ``mma.sync``), ``fused`` (dequantize tiles into ``tl.dot``),
+``chunked`` (dequantize into a scratch buffer +
 cuBLAS; the value is the chunk size in elements, ``None`` for the whole weight at once), ``overlap``
 (chunks as ``chunked``, the next one dequantized on a side stream during the current GEMM). The
-comments give the measured time. ``gemv1`` appears only under M=1, the only M that maps to it.
+comments give the measured time (for ``mma`` and the M=1 rows: against the kernel it replaced or
+beat, in the same run).
 """
 from __future__ import annotations
 
@@ -20,40 +24,57 @@ import math
 
 import torch
 
+
+def _mma(warps: int, split: int) -> dict:
+    return {"SPLIT": split, "num_warps": warps}
+
+
 DEQUANT_CONFIG = {"elems_per_program": 2048, "num_warps": 4, "flat_block": 1024}
 
 FORWARD = {
     (4096, 4096): {
-        1: ('gemv1', {'PROGRAMS_PER_SM': 6, 'CHUNK_BLOCKS': 64, 'VEC': 16, 'num_warps': 4}),  # 9.4 us
-        4: ('fused', {'BM': 16, 'BN': 64, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': True, 'num_warps': 4, 'num_stages': 3}),  # 14.8 us
-        16: ('fused', {'BM': 16, 'BN': 64, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': True, 'num_warps': 4, 'num_stages': 3}),  # 14.9 us
+        1: ('gemv1', {'PROGRAMS_PER_SM': 6, 'CHUNK_BLOCKS': 64, 'VEC': 16, 'num_warps': 4}),  # 9.4 us (8.2 vs mma 9.0 in kernels-mma)
+        2: ('mma', _mma(4, 1)),  # 9.3 us vs 14.0 fused
+        4: ('mma', _mma(4, 1)),  # 9.6 us vs 13.8 fused
+        8: ('mma', _mma(4, 1)),  # 10.0 us vs 13.9 fused
+        12: ('mma', _mma(4, 1)),  # 11.6 us vs 14.0 fused
+        16: ('mma', _mma(4, 1)),  # 12.0 us vs 14.2 fused
         64: ('fused', {'BM': 64, 'BN': 128, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 20.6 us
         256: ('chunked', None),  # 33.9 us
         1024: ('chunked', None),  # 60.5 us
         4096: ('overlap', 8388608),  # 213.8 us vs 217.9 whole (alternating rounds)
     },
     (4096, 11008): {
-        1: ('gemv1', {'PROGRAMS_PER_SM': 6, 'CHUNK_BLOCKS': 64, 'VEC': 16, 'num_warps': 4}),  # 23.4 us
-        4: ('fused', {'BM': 16, 'BN': 64, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': True, 'num_warps': 4, 'num_stages': 3}),  # 31.9 us
-        16: ('fused', {'BM': 16, 'BN': 64, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': True, 'num_warps': 4, 'num_stages': 3}),  # 31.6 us
+        1: ('mma', _mma(4, 1)),  # 19.5 us vs 20.4 gemv1
+        2: ('mma', _mma(2, 4)),  # 19.7 us vs 30.2 fused
+        4: ('mma', _mma(2, 4)),  # 19.7 us vs 30.3 fused
+        8: ('mma', _mma(4, 2)),  # 19.9 us vs 30.6 fused
+        12: ('mma', _mma(8, 1)),  # 21.9 us vs 30.1 fused
+        16: ('mma', _mma(8, 1)),  # 22.7 us vs 30.9 fused
         64: ('fused', {'BM': 64, 'BN': 128, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 44.6 us
         256: ('chunked', None),  # 93.0 us
         1024: ('chunked', None),  # 159.5 us
         4096: ('chunked', None),  # 554.6 us
     },
     (11008, 4096): {
-        1: ('gemv1', {'PROGRAMS_PER_SM': 6, 'CHUNK_BLOCKS': 64, 'VEC': 16, 'num_warps': 4}),  # 20.2 us
-        4: ('fused', {'BM': 16, 'BN': 128, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': True, 'num_warps': 4, 'num_stages': 3}),  # 32.7 us
-        16: ('fused', {'BM': 16, 'BN': 128, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': True, 'num_warps': 4, 'num_stages': 3}),  # 32.8 us
+        1: ('gemv1', {'PROGRAMS_PER_SM': 6, 'CHUNK_BLOCKS': 64, 'VEC': 16, 'num_warps': 4}),  # 20.2 us (17.8 vs mma 19.0 in kernels-mma)
+        2: ('mma', _mma(4, 1)),  # 18.9 us vs 31.4 fused
+        4: ('mma', _mma(4, 1)),  # 19.3 us vs 30.8 fused
+        8: ('mma', _mma(4, 1)),  # 19.3 us vs 31.5 fused
+        12: ('mma', _mma(2, 1)),  # 22.6 us vs 31.5 fused
+        16: ('mma', _mma(2, 1)),  # 24.8 us vs 31.1 fused
         64: ('fused', {'BM': 64, 'BN': 64, 'BK': 128, 'SPLIT_K': 2, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 45.7 us
         256: ('chunked', None),  # 84.0 us
         1024: ('chunked', None),  # 171.6 us
         4096: ('overlap', 8388608),  # 538.2 us vs 617.8 whole, 574.0 in 32M chunks (alternating rounds)
     },
     (14336, 4096): {
-        1: ('gemv1', {'PROGRAMS_PER_SM': 6, 'CHUNK_BLOCKS': 64, 'VEC': 16, 'num_warps': 4}),  # 25.2 us
-        4: ('fused', {'BM': 16, 'BN': 64, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': True, 'num_warps': 4, 'num_stages': 3}),  # 38.5 us
-        16: ('fused', {'BM': 16, 'BN': 64, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': True, 'num_warps': 4, 'num_stages': 3}),  # 39.3 us
+        1: ('gemv1', {'PROGRAMS_PER_SM': 6, 'CHUNK_BLOCKS': 64, 'VEC': 16, 'num_warps': 4}),  # 25.2 us (22.4 vs mma 23.3 in kernels-mma)
+        2: ('mma', _mma(4, 1)),  # 23.2 us vs 36.0 fused
+        4: ('mma', _mma(2, 2)),  # 23.9 us vs 35.4 fused
+        8: ('mma', _mma(4, 1)),  # 24.6 us vs 36.6 fused
+        12: ('mma', _mma(4, 1)),  # 26.8 us vs 36.8 fused
+        16: ('mma', _mma(2, 1)),  # 28.3 us vs 37.1 fused
         64: ('fused', {'BM': 64, 'BN': 128, 'BK': 128, 'SPLIT_K': 2, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 46.0 us
         256: ('chunked', None),  # 110.2 us
         1024: ('chunked', None),  # 214.2 us
@@ -149,8 +170,8 @@ LORA_FORWARD: dict[tuple[int, int], dict[int, tuple[str, dict | None]]] = {
 }
 
 # fp32 activations were not swept (training and decoding run in bf16/fp16); this GEMV config is
-# covered by the GPU tests.
-_FP32_GEMV = {"BN": 4, "BK": 1024, "VEC": 4, "num_warps": 4}
+# covered by the GPU tests. It also serves an ``mma`` entry on a GPU without ``mma.sync`` for bf16.
+GEMV_FALLBACK = {"BN": 4, "BK": 1024, "VEC": 4, "num_warps": 4}
 
 
 def _nearest(options, value: float, key=math.log2):
@@ -158,9 +179,14 @@ def _nearest(options, value: float, key=math.log2):
     return min(options, key=lambda o: (abs(key(o) - key(value)), -o))
 
 
+# The most activation rows each single-purpose kernel takes; entries of these kinds serve no more.
+_MAX_ROWS = {"gemv1": 1, "mma": 16}
+
+
 def _lookup(table: dict, m: int, n: int, k: int) -> tuple[str, object]:
     shape = min(table, key=lambda s: (math.log2(s[0] / n) ** 2 + math.log2(s[1] / k) ** 2, s))
-    return table[shape][_nearest(table[shape], max(m, 1))]
+    usable = [mm for mm, (kind, _) in table[shape].items() if m <= _MAX_ROWS.get(kind, m)]
+    return table[shape][_nearest(usable, max(m, 1))]
 
 
 @functools.lru_cache(maxsize=4096)  # asked twice per adapted layer and forward
@@ -182,9 +208,9 @@ def blocks_per_step(config: dict, blocksize: int) -> dict:
 def forward_plan(m: int, n: int, k: int, blocksize: int, dtype: torch.dtype) -> tuple[str, object]:
     """``("gemv1" | "gemv" | "fused", config)`` or ``("chunked" | "overlap", chunk_elems)`` for ``[m, k] @ [n, k].T``."""
     if dtype == torch.float32:  # tl.dot would round fp32 to tf32; CUDA cores or cuBLAS keep fp32
-        return ("gemv", blocks_per_step(_FP32_GEMV, blocksize)) if m <= 16 else ("chunked", None)
+        return ("gemv", blocks_per_step(GEMV_FALLBACK, blocksize)) if m <= 16 else ("chunked", None)
     kind, config = _lookup(FORWARD, m, n, k)
-    return (kind, config) if kind in ("chunked", "overlap", "gemv1") else (kind, blocks_per_step(config, blocksize))
+    return (kind, config) if kind in ("chunked", "overlap", "gemv1", "mma") else (kind, blocks_per_step(config, blocksize))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -236,6 +262,8 @@ def _gemv(bn, bk, warps):
     return {"BN": bn, "BK": bk, "VEC": 4, "num_warps": warps}
 
 
+
+
 def sweep_candidates() -> dict:
     """Configs ``benchmarks/kernels.py --sweep`` times; the tables above keep the winners."""
     return {
@@ -252,6 +280,7 @@ def sweep_candidates() -> dict:
                         _fused(16, 128, 64, 4, 3, 4, w_is_a=True), _fused(16, 128, 128, 8, 3, 4, w_is_a=True),
                         _fused(16, 32, 256, 2, 3, 8, w_is_a=True), _fused(16, 64, 256, 8, 3, 4, w_is_a=True),
                         _fused(16, 64, 128, 4, 1, 4, w_is_a=True), _fused(16, 128, 128, 4, 3, 2, w_is_a=True)],
+        "mma": [_mma(w, s) for w in (2, 4, 8) for s in (1, 2, 4)],
         "fused": [_fused(64, 128, 128, 4, 3, 2), _fused(64, 64, 128, 4, 3, 2), _fused(64, 128, 128, 4, 3, 4),
                   _fused(64, 64, 128, 4, 3)],
         "chunked": [{"chunk_elems": None}, {"chunk_elems": 32 << 20}],

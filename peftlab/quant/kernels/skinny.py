@@ -1,0 +1,259 @@
+"""Skinny NF4 matmul for 1-16 activation rows on tensor cores (``mma.sync``), decoding in registers.
+
+A warp owns 16 weight rows (the A operand of ``m16n8k16``) and all activation rows (the B
+operand: rows 0-7, and 8-15 as a second tile). Thread ``(g, c) = (lane // 4, lane % 4)`` loads 16
+packed bytes of rows ``g`` and ``g + 8`` per 128-column segment (codes ``32c .. 32c + 31``) and
+decodes them without memory lookups: the 16 codebook values sit in eight registers as byte
+planes, and ``prmt`` selects bytes by code (two lookups of eight entries and a select per plane,
+then one ``prmt`` interleaving low and high bytes into a bf16x2/f16x2 pair). The pairs are the A
+fragments of eight k-steps as they come, because the dot product may visit k in any order: a
+thread's k-step ``j`` takes its bytes ``2j`` and ``2j + 1``, so the matching B fragment is one
+8-byte load of four consecutive activations. Each pair is scaled by its block's absmax
+(bf16x2/f16x2) before the ``mma``; warps split K and add their fp32 results once at the end.
+
+Against the CUDA-core GEMVs there are no codebook gathers through L1 and no per-element FMA
+(about five instructions per weight in the compiled loop, two of them ``prmt``), and the
+multiply-adds of up to eight activation rows cost the same one ``mma``. Needs sm_80+, bf16/fp16
+activations and whole blocks per row; the inline PTX cannot run in Triton's interpreter, so it
+is CUDA-only (the decode sequence is checked on the CPU against a model of ``prmt``).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from peftlab.quant.kernels.decode import decode_scales, scale_bytes
+from peftlab.quant.kernels.gemm import finish_split_k
+from peftlab.quant.kernels.weights import NF4Weight
+
+SEGMENT = 128  # columns one warp decodes per step: 4 threads x 32 codes
+MAX_ROWS = 16  # activation rows: two B tiles of 8
+_TABLE = ("L0", "L1", "L2", "L3", "H0", "H1", "H2", "H3")  # byte planes: entries 4i..4i+3 of each
+
+
+def selector_ops(word: str, row: str) -> list[tuple]:
+    """PTX (op, dst, a, b) preparing the ``prmt`` selectors of one 32-bit word of 8 codes.
+
+    ``{row}i3`` holds each code's low three bits (a ``prmt`` selector nibble with its sign-mode
+    bit clear); ``{row}sl`` picks, per output byte i, byte i of the first lookup (codes 0-7) or
+    byte i + 4 of the second (codes 8-15). ``{row}i3u``/``{row}slu`` serve the upper four codes.
+    """
+    i3, sl = f"{row}i3", f"{row}sl"
+    return [("and.b32", i3, word, "0x77777777"), ("shr.u32", "t", word, "1"),
+            ("and.b32", "t", "t", "0x44444444"), ("or.b32", sl, "t", "0x32103210"),
+            ("shr.u32", f"{i3}u", i3, "16"), ("shr.u32", f"{sl}u", sl, "16")]
+
+
+def lookup_ops(sel: str, pick: str, first: str, second: str) -> list[tuple]:
+    """PTX (``prmt.b32``, dst, a, b, c) decoding the 4 codes of selectors ``sel``/``pick``.
+
+    ``first`` gets the pair of the selectors' byte 0 (its high nibble, element 2i, in the low
+    half), ``second`` the pair of byte 1; ``L*``/``H*`` name the codebook's byte planes.
+    """
+    return [("prmt.b32", "la", "L0", "L1", sel), ("prmt.b32", "lb", "L2", "L3", sel),
+            ("prmt.b32", "L", "la", "lb", pick), ("prmt.b32", "ha", "H0", "H1", sel),
+            ("prmt.b32", "hb", "H2", "H3", sel), ("prmt.b32", "H", "ha", "hb", pick),
+            ("prmt.b32", first, "L", "H", "0x4051"), ("prmt.b32", second, "L", "H", "0x6273")]
+
+
+def _format(ops: list[tuple], names: dict) -> str:
+    return " ".join(f"{op[0]} {', '.join(names.get(a, a) for a in op[1:])};" for op in ops)
+
+
+def _segment_asm(kind: str, tiles: int) -> str:
+    """PTX for one 128-column segment: decode rows g and g + 8, scale, 8 k-steps of mma per tile.
+
+    Operands (``pack=2``): outputs are ``tiles`` x (row g, row g + 8) fp32 accumulator pairs;
+    inputs the packed words of row g and of row g + 8 (2 x int64 each), the activations (per tile
+    8 x int64, k-step j in operand j), the byte planes (8 x b32), the two rows' block scales and
+    the accumulators again.
+    """
+    words, acts = 4 * tiles, 4 * tiles + 4
+    table = acts + 8 * tiles
+    scale, acc = table + 8, table + 10
+    planes = {name: f"${table + i}" for i, name in enumerate(_TABLE)}
+    selectors = ", ".join(f"{row}{name}{upper}" for row in "gh" for name in ("i3", "sl") for upper in ("", "u"))
+    lines = [f"{{ .reg .b32 wg<4>, wh<4>, t, {selectors}, la, lb, L, ha, hb, H, b0, b1, a<4>, sg, sh, nz;",
+             ".reg .f32 " + ", ".join(f"d{i}" for i in range(4 * tiles)) + ";",
+             f"mov.b64 {{wg0, wg1}}, ${words}; mov.b64 {{wg2, wg3}}, ${words + 1};",
+             f"mov.b64 {{wh0, wh1}}, ${words + 2}; mov.b64 {{wh2, wh3}}, ${words + 3}; mov.b32 nz, 0x80008000;",
+             f"cvt.rn.{kind}x2.f32 sg, ${scale}, ${scale}; cvt.rn.{kind}x2.f32 sh, ${scale + 1}, ${scale + 1};",
+             " ".join(f"mov.f32 d{i}, ${acc + i};" for i in range(4 * tiles))]
+    for w in range(4):
+        # Word w of each row holds k-steps 2w (bytes 0-1) and 2w + 1 (bytes 2-3).
+        lines.append(_format(selector_ops(f"wg{w}", "g") + selector_ops(f"wh{w}", "h"), {}))
+        for upper in ("", "u"):
+            step = 2 * w + (upper == "u")
+            for row, first, second in (("g", "a0", "a2"), ("h", "a1", "a3")):
+                lines.append(_format(lookup_ops(f"{row}i3{upper}", f"{row}sl{upper}", first, second), planes))
+            # -0.0 as the addend: one rounding, signed zeros kept (fma has bf16x2 from sm_80 on)
+            lines.append(f"fma.rn.{kind}x2 a0, a0, sg, nz; fma.rn.{kind}x2 a2, a2, sg, nz; "
+                         f"fma.rn.{kind}x2 a1, a1, sh, nz; fma.rn.{kind}x2 a3, a3, sh, nz;")
+            for tile in range(tiles):
+                d = ", ".join(f"d{4 * tile + i}" for i in range(4))
+                lines.append(f"mov.b64 {{b0, b1}}, ${acts + 8 * tile + step}; "
+                             f"mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32 "
+                             f"{{{d}}}, {{a0, a1, a2, a3}}, {{b0, b1}}, {{{d}}};")
+    lines.append(" ".join(f"mov.f32 ${i}, d{i};" for i in range(4 * tiles)) + " }")
+    return "\n".join(lines)
+
+
+def _constraints(tiles: int) -> str:
+    return ",".join(["=f"] * (4 * tiles) + ["l"] * (4 + 8 * tiles) + ["r"] * 8 + ["f"] * (2 + 4 * tiles))
+
+
+_BF16_1 = tl.constexpr(_segment_asm("bf16", 1))
+_BF16_2 = tl.constexpr(_segment_asm("bf16", 2))
+_F16_1 = tl.constexpr(_segment_asm("f16", 1))
+_F16_2 = tl.constexpr(_segment_asm("f16", 2))
+_CONSTRAINTS_1 = tl.constexpr(_constraints(1))
+_CONSTRAINTS_2 = tl.constexpr(_constraints(2))
+
+
+@triton.jit
+def _byte_planes(code_ptr, first, DT: tl.constexpr):
+    """Codebook entries ``first .. first + 7`` in DT as byte planes ``[1, 2]`` int32: element e holds
+    the low (then high) bytes of entries ``first + 4e .. first + 4e + 3``, entry j in byte j."""
+    e = tl.arange(0, 2)[None, :, None]
+    j = tl.arange(0, 4)[None, None, :]
+    bits = tl.load(code_ptr + first + 4 * e + j).to(DT).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    # the bytes do not overlap, so the sums are bitwise ors
+    return tl.sum((bits & 0xFF) << (8 * j), axis=2), tl.sum((bits >> 8) << (8 * j), axis=2)
+
+
+@triton.jit
+def _activations(x_ptr, first, ok):
+    """A tile's B fragments for one segment: int64 ``first + 2p + e`` (4 activations) is k-step 2p + e."""
+    e = tl.arange(0, 2)[None, :]
+    return (tl.load(x_ptr + first + e, mask=ok, other=0), tl.load(x_ptr + first + 2 + e, mask=ok, other=0),
+            tl.load(x_ptr + first + 4 + e, mask=ok, other=0), tl.load(x_ptr + first + 6 + e, mask=ok, other=0))
+
+
+@triton.jit
+def _fetch(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, seg, seg_end, c, row, rows, M, N, K, KB, BS: tl.constexpr, TILES: tl.constexpr, NESTED: tl.constexpr):
+    """One segment's loads: the packed words of rows g and g + 8 (16 bytes each), their block-scale
+    bytes and the activations of each tile. Anything past the segment range, K or N reads as 0."""
+    # Offsets are written so that the compiler can prove 16-byte alignment (rows of KB * BS codes,
+    # BS >= 32): every pair then is one vector load held by one thread, the layout the PTX needs.
+    e = tl.arange(0, 2)[None, :]
+    k0 = seg * 128 + 32 * c  # [R, 1]: the thread's first column in this segment
+    ok = (seg < seg_end) & (k0 < K)
+    row_words = KB * (BS // 16)  # int64 per weight row
+    word = row.to(tl.int64) * row_words + (seg * 8 + 2 * c) + e
+    wg = tl.load(packed_ptr + word, mask=ok & (row < N), other=0)
+    wh = tl.load(packed_ptr + word + 8 * row_words, mask=ok & (row + 8 < N), other=0)
+    q, outer = scale_bytes(absmax_ptr, nested_absmax_ptr, rows * KB + k0 // BS, ok & (rows < N), NESTED)
+    token = (row % 8).to(tl.int64)  # B column n = g: activation row g (tile 0), g + 8 (tile 1)
+    x_row = KB * (BS // 4)  # int64 per activation row (dense rows)
+    x = token * x_row + (seg * 32 + 8 * c)
+    x0, x1, x2, x3 = _activations(x_ptr, x, ok & (token < M))
+    if TILES == 2:
+        y0, y1, y2, y3 = _activations(x_ptr, x + 8 * x_row, ok & (token + 8 < M))
+    else:
+        y0, y1, y2, y3 = x0, x1, x2, x3
+    return wg, wh, q, outer, x0, x1, x2, x3, y0, y1, y2, y3
+
+
+@triton.jit
+def _store(acc, token, row, M, N, NW: tl.constexpr, out_ptr, bias_ptr, stride_o, SPLIT: tl.constexpr,
+           HAS_BIAS: tl.constexpr):
+    """Adds the warps' partial sums of one accumulator and stores it (fp32 partials when split)."""
+    acc = tl.sum(tl.reshape(acc, (NW, 32, 2)), axis=0)
+    mask = (token < M) & (row < N)
+    if SPLIT == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + row, mask=row < N, other=0.0).to(tl.float32)
+        dst = out_ptr + token.to(tl.int64) * stride_o + row
+    else:
+        dst = out_ptr + (tl.program_id(1) * M + token).to(tl.int64) * N + row
+    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["M", "N", "K", "KB", "stride_o", "segments_per_split"])
+def _skinny_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, bias_ptr,
+                   out_ptr, M, N, K, KB, stride_o, segments_per_split,
+                   BS: tl.constexpr, NW: tl.constexpr, TILES: tl.constexpr, SPLIT: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, NESTED: tl.constexpr, F16: tl.constexpr):
+    # x_ptr and packed_ptr are int64 views (4 activations, 16 codes). A thread's tensors are
+    # [NW * 32, 2], row r on lane r % 32 of warp r // 32 (the layout the PTX relies on), a pair per
+    # thread: element e of the scales is weight row g + 8e's, of an accumulator activation row 2c + e.
+    r = tl.arange(0, NW * 32)[:, None]
+    warp = r // 32
+    c = r % 4
+    row = tl.program_id(0) * 16 + (r % 32) // 4
+    rows = row + 8 * tl.arange(0, 2)[None, :]
+    DT: tl.constexpr = tl.float16 if F16 else tl.bfloat16
+    zero = tl.zeros((NW * 32, 2), tl.int32)
+    low01, high01 = _byte_planes(code_ptr, 0, DT)
+    low23, high23 = _byte_planes(code_ptr, 8, DT)
+    low01, low23, high01, high23 = zero + low01, zero + low23, zero + high01, zero + high23
+    acc_g0 = tl.zeros((NW * 32, 2), tl.float32)  # weight row g, activation rows 0-7 (tile 0)
+    acc_h0 = tl.zeros((NW * 32, 2), tl.float32)  # weight row g + 8
+    acc_g1 = tl.zeros((NW * 32, 2), tl.float32)  # the same for activation rows 8-15 (tile 1)
+    acc_h1 = tl.zeros((NW * 32, 2), tl.float32)
+    seg0 = tl.program_id(1) * segments_per_split
+    seg_end = tl.minimum(seg0 + segments_per_split, (K + 127) // 128)
+    seg = seg0 + warp
+    wg, wh, q, outer, x0, x1, x2, x3, y0, y1, y2, y3 = _fetch(
+        x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, seg, seg_end, c, row, rows, M, N, K, KB, BS,
+        TILES, NESTED)
+    for _ in range(seg0, seg_end, NW):
+        # The next segment's loads go out before this one decodes (two segments in flight per warp).
+        wg_n, wh_n, q_n, outer_n, x0_n, x1_n, x2_n, x3_n, y0_n, y1_n, y2_n, y3_n = _fetch(
+            x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, seg + NW, seg_end, c, row, rows, M, N, K, KB,
+            BS, TILES, NESTED)
+        k0 = seg * 128 + 32 * c
+        scale = decode_scales(nested_code_ptr, offset, q, outer, (seg < seg_end) & (k0 < K) & (rows < N), NESTED)
+        if TILES == 1:
+            args = [wg, wh, x0, x1, x2, x3, low01, low23, high01, high23, scale, acc_g0, acc_h0]
+            acc_g0, acc_h0 = tl.inline_asm_elementwise(_F16_1 if F16 else _BF16_1, _CONSTRAINTS_1, args,
+                                                       dtype=(tl.float32,) * 2, is_pure=True, pack=2)
+        else:
+            args = [wg, wh, x0, x1, x2, x3, y0, y1, y2, y3, low01, low23, high01, high23, scale,
+                    acc_g0, acc_h0, acc_g1, acc_h1]
+            acc_g0, acc_h0, acc_g1, acc_h1 = tl.inline_asm_elementwise(
+                _F16_2 if F16 else _BF16_2, _CONSTRAINTS_2, args, dtype=(tl.float32,) * 4, is_pure=True, pack=2)
+        wg, wh, q, outer, x0, x1, x2, x3, y0, y1, y2, y3 = (
+            wg_n, wh_n, q_n, outer_n, x0_n, x1_n, x2_n, x3_n, y0_n, y1_n, y2_n, y3_n)
+        seg += NW
+    # Lane (g, c) of an accumulator holds weight row g (or g + 8), activation rows 2c + e (+ 8).
+    lane = tl.arange(0, 32)[:, None]
+    out_row = tl.program_id(0) * 16 + lane // 4
+    token = 2 * (lane % 4) + tl.arange(0, 2)[None, :]
+    _store(acc_g0, token, out_row, M, N, NW, out_ptr, bias_ptr, stride_o, SPLIT, HAS_BIAS)
+    _store(acc_h0, token, out_row + 8, M, N, NW, out_ptr, bias_ptr, stride_o, SPLIT, HAS_BIAS)
+    if TILES == 2:
+        _store(acc_g1, token + 8, out_row, M, N, NW, out_ptr, bias_ptr, stride_o, SPLIT, HAS_BIAS)
+        _store(acc_h1, token + 8, out_row + 8, M, N, NW, out_ptr, bias_ptr, stride_o, SPLIT, HAS_BIAS)
+
+
+def supports(x: torch.Tensor, weight: NF4Weight) -> bool:
+    """Whether :func:`matmul` runs ``x [m, k]`` here: CUDA sm_80+, bf16/fp16, m <= 16, whole
+    blocks of at least 32 per row, packed codes 8-byte aligned."""
+    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and 1 <= x.shape[0] <= MAX_ROWS
+            and weight.row_aligned and weight.blocksize >= 32 and weight.packed.data_ptr() % 8 == 0
+            and torch.cuda.get_device_capability(x.device) >= (8, 0))
+
+
+def matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, config: dict) -> torch.Tensor:
+    """``x [m, k] @ W.T (+ bias) -> [m, n]`` for ``m <= 16`` where :func:`supports` holds.
+
+    ``config``: ``num_warps`` (warps of a program, each taking every ``num_warps``-th segment of
+    the program's K range) and ``SPLIT`` (programs along K, their fp32 partials added after).
+    """
+    m, k = x.shape
+    if x.stride(0) != k or x.stride(1) != 1 or x.data_ptr() % 8:
+        x = x.clone(memory_format=torch.contiguous_format)  # the int64 view needs aligned, dense rows
+    out = torch.empty(m, weight.n, dtype=x.dtype, device=x.device)
+    segments = triton.cdiv(k, SEGMENT)
+    per_split = triton.cdiv(segments, config.get("SPLIT", 1))
+    split = triton.cdiv(segments, per_split)
+    target = out if split == 1 else torch.empty(split, m, weight.n, dtype=torch.float32, device=x.device)
+    _skinny_kernel[(triton.cdiv(weight.n, 16), split)](
+        x.view(torch.int64), weight.packed.view(torch.int64), weight.code, *weight.scale_args(),
+        bias if bias is not None else x, target, m, weight.n, k, weight.k_blocks, out.stride(0), per_split,
+        BS=weight.blocksize, NW=config["num_warps"], TILES=1 if m <= 8 else 2, SPLIT=split,
+        HAS_BIAS=bias is not None and split == 1, NESTED=weight.nested, F16=x.dtype == torch.float16,
+        num_warps=config["num_warps"])
+    return out if split == 1 else finish_split_k(target, bias, out, split)
