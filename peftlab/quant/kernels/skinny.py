@@ -19,6 +19,8 @@ is CUDA-only (the decode sequence is checked on the CPU against a model of ``prm
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -228,12 +230,17 @@ def _skinny_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, n
         _store(acc_h1, token + 8, out_row + 8, M, N, NW, out_ptr, bias_ptr, stride_o, SPLIT, HAS_BIAS)
 
 
+@functools.cache  # asked on every dispatch; a device's capability never changes
+def _has_bf16_mma(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def supports(x: torch.Tensor, weight: NF4Weight) -> bool:
     """Whether :func:`matmul` runs ``x [m, k]`` here: CUDA sm_80+, bf16/fp16, m <= 16, whole
     blocks of at least 32 per row, packed codes 8-byte aligned."""
     return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and 1 <= x.shape[0] <= MAX_ROWS
             and weight.row_aligned and weight.blocksize >= 32 and weight.packed.data_ptr() % 8 == 0
-            and torch.cuda.get_device_capability(x.device) >= (8, 0))
+            and _has_bf16_mma(x.device))
 
 
 def matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, config: dict) -> torch.Tensor:
