@@ -3,7 +3,8 @@
 The shapes are the 1.1B Llama's projections (q/o, k/v, gate/up, down), LoRA r=16, bf16. Each
 variant is timed as CUDA-graph replays over weight copies that exceed L2 (see ``kernels.time_calls``).
 Triton paths: ``lora_linear`` (base and LoRA in one kernel) and ``lora_add`` (cuBLAS base and
-``h``, the output updated in one pass). ``--sweep`` times every candidate config of both and prints
+``h``, the output updated in one pass) and ``merge`` (``lora_add`` writes ``W + s·B @ A`` for the
+call, cuBLAS runs the layer on it). ``--sweep`` times every candidate config of both and prints
 the ``LORA_FORWARD`` table for ``peftlab/quant/kernels/tuning.py``.
 
     python benchmarks/lora_linear.py --sweep      # -> results/lora_linear-<gpu>.json
@@ -23,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS, device_name, device_tag, versions, write_result  # noqa: E402
 from benchmarks.kernels import copies_for, time_calls  # noqa: E402
 from peftlab.quant.kernels import tuning  # noqa: E402
-from peftlab.quant.kernels.lora_linear import lora_add, lora_linear  # noqa: E402
+from peftlab.quant.kernels.lora_linear import lora_add, lora_linear, lora_transient_merge  # noqa: E402
 
 SHAPES = [(2048, 2048), (256, 2048), (5632, 2048), (2048, 5632)]  # (N, K): q/o, k/v, gate/up, down
-MS = [1, 16, 128, 512, 4096]
+MS = [1, 16, 128, 512, 2048, 4096]
 RANK = 16
 DTYPE = torch.bfloat16
 
@@ -55,12 +56,14 @@ def measure(n: int, k: int, m: int, sweep: bool) -> dict:
     row["base_ms"] = time_calls([lambda i=i: F.linear(xs[i], ws[i]) for i in range(copies)])
     row["separate_ms"] = time_calls([lambda i=i: separate(xs[i], ws[i], a16s[i], b16s[i]) for i in range(copies)])
     if sweep:
-        plans = [("fused", c) for c in tuning.lora_candidates(m)] + [("add", c) for c in tuning.lora_add_candidates()]
+        plans = [("fused", c) for c in tuning.lora_candidates(m)]
+        plans += [(kind, c) for kind in ("add", "merge") for c in tuning.lora_add_candidates()]
     else:
         plans = [p for p in [tuning.lora_plan(m, n, k)] if p[0] != "separate"]
     kernels = {
         "fused": lambda i, c: lora_linear(xs[i], ws[i], None, a16s[i], b16s[i], c),
         "add": lambda i, c: lora_add(F.linear(xs[i], ws[i]), F.linear(xs[i], a16s[i]), b16s[i], c),
+        "merge": lambda i, c: lora_transient_merge(xs[i], ws[i], None, a16s[i], b16s[i], c),
     }
     row["candidates"] = []
     for kind, cfg in plans:
@@ -86,7 +89,7 @@ def print_row(r: dict) -> None:
 
 def _literal(kind: str, c: dict) -> str:
     """A config as tuning.py writes it (its helpers where they fit)."""
-    if kind == "add" and c["num_warps"] == 4:
+    if kind in ("add", "merge") and c["num_warps"] == 4:
         return f"_lora_add({c['BM']}, {c['BN']})"
     if kind == "fused" and c == tuning._lora_fused(c["BM"], c["BN"], c["BK"], c["num_stages"]):
         return f"_lora_fused({c['BM']}, {c['BN']}, {c['BK']}, {c['num_stages']})"

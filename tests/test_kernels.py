@@ -194,3 +194,17 @@ else:
         result = lora_add(out, h, b, {"BM": 16, "BN": 32, "num_warps": 4})
         assert result is out  # in place
         assert ((out.double() - ref).norm() / ref.norm()).item() < 2e-3
+
+    @pytest.mark.parametrize("bias", [True, False])
+    def test_transient_merge_matches_fp64_and_leaves_the_weight_alone(bias):
+        from peftlab.quant.kernels.lora_linear import lora_transient_merge
+
+        g = torch.Generator().manual_seed(7)
+        x, w = torch.randn(33, 40, generator=g).half(), (torch.randn(24, 40, generator=g) / 8).half()
+        a, b = (torch.randn(5, 40, generator=g) / 8).half(), (torch.randn(24, 5, generator=g) / 4).half()
+        bvec = torch.randn(24, generator=g).half() if bias else None
+        before = w.clone()
+        out = lora_transient_merge(x, w, bvec, a, b, {"BM": 16, "BN": 32, "num_warps": 4})
+        ref = x.double() @ (w.double() + b.double() @ a.double()).t() + (bvec.double() if bias else 0)
+        assert out.shape == (33, 24) and out.dtype == torch.float16 and torch.equal(w, before)
+        assert ((out.double() - ref).norm() / ref.norm()).item() < 2e-3

@@ -1,6 +1,8 @@
 """Triton NF4 kernels on a CUDA GPU: every path against peftlab's torch reference (fp32 math)."""
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -121,7 +123,8 @@ def test_every_candidate_and_table_config_is_correct(m, dtype):
 @pytest.mark.parametrize("n", [520, 33])
 def test_skinny_mma_matches_reference(n, k, blocksize, nested, dtype):
     """Tensor-core decode for 1-16 rows: both tiles, partial segments (K % 128 = 64 or K < 128),
-    partial 16-row groups, split K, one or several warps, with and without bias."""
+    partial 16-row groups, split K, one or several warps, with and without bias, register and
+    shared-table decode."""
     from peftlab.quant.kernels import NF4Weight, skinny
 
     packed, state, ref = _weight(n, k, blocksize, nested)
@@ -129,8 +132,10 @@ def test_skinny_mma_matches_reference(n, k, blocksize, nested, dtype):
     b = (torch.randn(n, device=DEVICE) * 0.1).to(dtype)
     for m in (1, 2, 7, 8, 9, 16):
         x = _x(m, k, dtype, seed=m)
-        for config, bias in (({"SPLIT": 1, "num_warps": 4}, b), ({"SPLIT": 3, "num_warps": 2}, None),
-                             ({"SPLIT": 1, "num_warps": 1}, None), ({"SPLIT": 2, "num_warps": 8}, b)):
+        for (config, bias), table in itertools.product(
+                (({"SPLIT": 1, "num_warps": 4}, b), ({"SPLIT": 3, "num_warps": 2}, None),
+                 ({"SPLIT": 1, "num_warps": 1}, None), ({"SPLIT": 2, "num_warps": 8}, b)), (False, True)):
+            config = dict(config, TABLE=table)
             assert skinny.supports(x, weight)
             out = skinny.matmul(x, weight, bias, config)
             expect = x.float() @ ref.t() + (bias.float() if bias is not None else 0)
@@ -145,7 +150,7 @@ def test_skinny_mma_takes_strided_activations_and_runs_in_a_graph():
     weight = NF4Weight.from_state(packed, state)
     wide = _x(5, 4164, torch.bfloat16)
     x = wide[:, 3:4163]  # row stride 4164, 2-byte offset: not an int64 view
-    config = {"SPLIT": 2, "num_warps": 4}
+    config = {"SPLIT": 2, "num_warps": 4, "TABLE": True}
     assert _rel(skinny.matmul(x, weight, None, config), x.float() @ ref.t()) < 1e-2
     static = _x(5, 4160, torch.bfloat16)
     skinny.matmul(static, weight, None, config)

@@ -109,7 +109,7 @@ def _rel(out, ref):
                                           (77, 5632, 2048, 24, False), (600, 300, 1001, 16, True)])
 def test_kernel_matches_fp64(m, n, k, r, bias, fuse_down, dtype):
     from peftlab.quant.kernels import tuning
-    from peftlab.quant.kernels.lora_linear import lora_add, lora_linear
+    from peftlab.quant.kernels.lora_linear import lora_add, lora_linear, lora_transient_merge
 
     g = torch.Generator(device=DEVICE).manual_seed(m + n + k)
     x = torch.randn(m, k, device=DEVICE, generator=g).to(dtype)
@@ -125,6 +125,11 @@ def test_kernel_matches_fp64(m, n, k, r, bias, fuse_down, dtype):
     for config in configs:
         out = lora_linear(x, w, bvec, a, b, config)
         assert _rel(out, ref) < (1e-2 if dtype == torch.bfloat16 else 2e-3), config
+    if fuse_down:  # through a merged weight made for the call (h is not rounded there)
+        exact = x.double() @ (w.double() + b.double() @ a.double()).t() + (bvec.double() if bias else 0)
+        for config in tuning.lora_add_candidates():
+            out = lora_transient_merge(x, w, bvec, a, b, config)
+            assert _rel(out, exact) < (1e-2 if dtype == torch.bfloat16 else 2e-3), config
     if not bias:  # the other Triton path: cuBLAS base and h, the term added in place
         base_out = x @ w.t()
         configs = tuning.lora_add_candidates() + [c for row in tuning.LORA_FORWARD.values()
@@ -150,9 +155,9 @@ def test_model_outputs_with_the_fused_kernel_match_separate_gemms_and_hf_peft(mo
     ids = torch.randint(0, 128, (2, 40), device=DEVICE)
     request.addfinalizer(tuning.lora_plan.cache_clear)  # after monkeypatch restores the table
     calls = []
-    for name in ("lora_linear", "lora_add"):
+    for name in ("lora_linear", "lora_add", "lora_transient_merge"):
         real = getattr(kernel_module, name)
-        monkeypatch.setattr(kernel_module, name, lambda *a, name=name, real=real: calls.append(name) or real(*a))
+        monkeypatch.setattr(kernel_module, name, lambda *a, name=name, real=real, **kw: calls.append(name) or real(*a, **kw))
 
     def run_with(table):
         monkeypatch.setattr(tuning, "LORA_FORWARD", table)
@@ -161,27 +166,43 @@ def test_model_outputs_with_the_fused_kernel_match_separate_gemms_and_hf_peft(mo
         with torch.no_grad():
             return ours(input_ids=ids).logits.double()
 
+    def captured_with(table):
+        monkeypatch.setattr(tuning, "LORA_FORWARD", table)
+        tuning.lora_plan.cache_clear()
+        with torch.no_grad():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                ours(input_ids=ids)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            calls.clear()
+            with torch.cuda.graph(graph):
+                logits = ours(input_ids=ids).logits
+            graph.replay()
+        return logits.double()
+
+    add_config = tuning.lora_add_candidates()[0]
     separate = run_with({})
     assert not calls
     fused = run_with({(256, 256): {1: ("fused", tuning.lora_candidates(80)[0])}})
     assert calls == ["lora_linear"] * 2 * ADAPTED_PER_LAYER
-    eager_add = run_with({(256, 256): {1: ("add", tuning.lora_add_candidates()[0])}})
-    assert not calls  # eagerly "add" would cost the host more than it saves the GPU
-    with torch.no_grad():  # ... but inside a CUDA graph it runs
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            ours(input_ids=ids)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        calls.clear()
-        with torch.cuda.graph(graph):
-            captured = ours(input_ids=ids).logits
-        assert calls == ["lora_add"] * 2 * ADAPTED_PER_LAYER
-        graph.replay()
+    for kind in ("add", "merge"):
+        run_with({(256, 256): {1: (kind, add_config)}})
+        assert not calls  # eagerly these would cost the host more than they save the GPU
+    captured_add = captured_with({(256, 256): {1: ("add", add_config)}})  # ... but inside a CUDA graph they run
+    assert calls == ["lora_add"] * 2 * ADAPTED_PER_LAYER
+    captured_merge = captured_with({(256, 256): {1: ("merge", add_config)}})
+    assert calls == ["lora_transient_merge", "lora_add"] * 2 * ADAPTED_PER_LAYER
+    with torch.no_grad():
         reference = theirs(input_ids=ids).logits.double()
-    for ours_out in (separate, fused, eager_add, captured.double()):
+        merged_model = copy.deepcopy(ours)
+        merged_model.merge()
+        merged = merged_model(input_ids=ids).logits.double()
+    for ours_out in (separate, fused, captured_add):
         assert _rel(ours_out, reference) < 1e-2
+    # A merged weight rounds the update into bf16 once, as merge() does: same numbers as the merged model.
+    assert _rel(captured_merge, merged) < 3e-3 and _rel(merged, reference) < 2e-2
     ours.train()
     calls.clear()
     ours(input_ids=ids).logits.float().sum().backward()  # training needs autograd: the Triton paths stay out

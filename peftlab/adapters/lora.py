@@ -177,7 +177,8 @@ class LoraWeights(nn.Module):
         return out
 
     def fused_forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        """``module(x)`` plus this term in one Triton kernel, or None where that path does not apply.
+        """``module(x)`` plus this term in one Triton kernel (few tokens) or through a merged weight
+        made for the call (many tokens), or None where neither applies.
 
         It applies without autograd, to a plain ``nn.Linear`` on CUDA in bf16/fp16, at the shapes
         where ``tuning.LORA_FORWARD`` measured it fastest.
@@ -192,12 +193,15 @@ class LoraWeights(nn.Module):
             return None
         x2 = x.reshape(-1, x.shape[-1])
         kind, config = _inference_plan(x, x2.shape[0], weight.shape[0])
-        if kind != "fused":
+        if kind not in ("fused", "merge"):
             return None
-        from ..quant.kernels.lora_linear import lora_linear
+        from ..quant.kernels.lora_linear import lora_linear, lora_transient_merge
 
         a16, b16 = self._weights(x.dtype)
-        out = lora_linear(x2 if x2.stride(-1) == 1 else x2.contiguous(), weight, bias, a16, b16, config)
+        if kind == "merge":
+            out = lora_transient_merge(x2, weight, bias, a16, b16, config)
+        else:
+            out = lora_linear(x2 if x2.stride(-1) == 1 else x2.contiguous(), weight, bias, a16, b16, config)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     def delta(self) -> torch.Tensor:
@@ -396,13 +400,14 @@ class Lora(Adapter):
 # --- helpers ---------------------------------------------------------------------------------
 def _inference_plan(x: torch.Tensor, tokens: int, n: int) -> tuple[str, dict | None]:
     """How the no-autograd LoRA term runs for input ``x [..., k]`` and ``n`` output features:
-    ``"fused"``/``"add"`` (Triton, see ``tuning.LORA_FORWARD``) or ``"separate"`` (plain GEMMs)."""
+    ``"fused"``/``"add"`` (Triton), ``"merge"`` (a merged weight for the call; see
+    ``tuning.LORA_FORWARD``) or ``"separate"`` (plain GEMMs)."""
     if x.device.type != "cuda" or x.dtype not in _FUSED_DTYPES or not triton_cuda_available():
         return "separate", None
     kind, config = lora_plan(tokens, n, x.shape[-1])
-    if kind == "add" and not torch.cuda.is_current_stream_capturing():
-        # "add" saves GPU time but not launches, and a Triton launch costs the host more than a
-        # cuBLAS one: eagerly run forwards are host-bound there (benchmarks/NOTES-e2e.md, §6).
+    if kind in ("add", "merge") and not torch.cuda.is_current_stream_capturing():
+        # These save GPU time but not launches, and a Triton launch costs the host more than a
+        # cuBLAS one: eagerly run forwards are host-bound there (benchmarks/NOTES-e2e.md, §6, §9).
         return "separate", None
     return kind, config
 

@@ -8,7 +8,9 @@ kernel streams the weight, at few tokens) or passed in, computed once outside (a
 where recomputing it for every column tile would cost tensor-core time).
 
 Where the base GEMM is better left to cuBLAS (many tokens), ``lora_add`` adds the low-rank
-product to its output in one pass instead.
+product to its output in one pass instead. At still more tokens, reading x again for ``h`` and the
+output twice more moves more bytes than writing and reading a merged copy of the weight, so
+``lora_transient_merge`` runs the layer on ``W + s·B @ A`` made for that one call.
 
 The rank is padded to a power of two of at least 16 (``tl.dot``'s smallest K) by masked loads, so
 A and s·B need no padded copies.
@@ -16,6 +18,7 @@ A and s·B need no padded copies.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -102,33 +105,50 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 @triton.jit(do_not_specialize=["M"])
-def _lora_add_kernel(out_ptr, h_ptr, b_ptr, M, N, R, stride_om, stride_hm,
+def _lora_add_kernel(src_ptr, out_ptr, h_ptr, b_ptr, M, N, R, stride_sm, stride_om, stride_hm, stride_bn, stride_br,
                      BM: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr):
     offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
     offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
     offs_r = tl.arange(0, RP)
     h = tl.load(h_ptr + offs_m[:, None].to(tl.int64) * stride_hm + offs_r[None, :],
                 mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0)
-    b = tl.load(b_ptr + offs_n[:, None] * R + offs_r[None, :], mask=(offs_n[:, None] < N) & (offs_r[None, :] < R),
-                other=0.0)
+    b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                mask=(offs_n[:, None] < N) & (offs_r[None, :] < R), other=0.0)
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    src = tl.load(src_ptr + offs_m[:, None].to(tl.int64) * stride_sm + offs_n[None, :], mask=mask, other=0.0)
+    y = tl.dot(h, tl.trans(b), src.to(tl.float32))
     dst = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-    y = tl.dot(h, tl.trans(b), tl.load(dst, mask=mask, other=0.0).to(tl.float32))
     tl.store(dst, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def lora_add(out: torch.Tensor, h: torch.Tensor, b16: torch.Tensor, config: dict) -> torch.Tensor:
-    """``out += h @ b16.T`` in place, one pass over ``out``: ``out [m, n]`` and ``h [m, r]`` with unit
-    column stride, ``b16 [n, r]`` contiguous, one dtype. ``config``: ``BM``, ``BN``, ``num_warps``.
+def lora_add(out: torch.Tensor, h: torch.Tensor, b16: torch.Tensor, config: dict,
+             src: torch.Tensor | None = None) -> torch.Tensor:
+    """``out = src + h @ b16.T`` (``src`` defaults to ``out``: in place), one pass over the output:
+    ``out``/``src [m, n]`` and ``h [m, r]`` with unit column stride, ``b16 [n, r]`` (any strides),
+    one dtype. ``config``: ``BM``, ``BN``, ``num_warps``.
 
     At many tokens the LoRA term's cost is this read-modify-write of the output; cuBLAS runs a
     GEMM with K = r well below memory bandwidth, this kernel near it.
     """
     m, n = out.shape
+    src = out if src is None else src
     if m:
         grid = (triton.cdiv(m, config["BM"]), triton.cdiv(n, config["BN"]))
         with launch_device(out.device):
-            _lora_add_kernel[grid](out, h, b16, m, n, b16.shape[1], out.stride(0), h.stride(0),
-                                   BM=config["BM"], BN=config["BN"], RP=max(16, triton.next_power_of_2(b16.shape[1])),
-                                   num_warps=config["num_warps"])
+            _lora_add_kernel[grid](src, out, h, b16, m, n, b16.shape[1], src.stride(0), out.stride(0), h.stride(0),
+                                   b16.stride(0), b16.stride(1), BM=config["BM"], BN=config["BN"],
+                                   RP=max(16, triton.next_power_of_2(b16.shape[1])), num_warps=config["num_warps"])
     return out
+
+
+def lora_transient_merge(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a16: torch.Tensor,
+                         b16: torch.Tensor, config: dict) -> torch.Tensor:
+    """``x @ (weight + b16 @ a16).T + bias`` through a merged weight that exists only for this call.
+
+    ``lora_add`` writes ``weight + b16 @ a16`` into a fresh ``[n, k]`` buffer in one pass (the base
+    weight is read, never changed; the result is rounded as the merged layer's is), then cuBLAS
+    runs the layer on it. Pays where the tokens outnumber what the weight's extra write and read
+    cost (see ``tuning.LORA_FORWARD``). ``config`` as ``lora_add``'s, over the weight's ``[n, k]``.
+    """
+    merged = lora_add(torch.empty_like(weight), b16, a16.t(), config, src=weight)
+    return F.linear(x, merged, bias)

@@ -11,6 +11,12 @@ thread's k-step ``j`` takes its bytes ``2j`` and ``2j + 1``, so the matching B f
 8-byte load of four consecutive activations. Each pair is scaled by its block's absmax
 (bf16x2/f16x2) before the ``mma``; warps split K and add their fp32 results once at the end.
 
+With ``TABLE`` the codes are decoded through shared memory instead: each program first writes a
+table of the 256 possible packed bytes' pairs, 32 copies of it with copy ``l`` on bank ``l``, so a
+lane's lookups never conflict (32 KB). A packed byte then costs one ``prmt`` (extract), one
+``mad`` (address) and one ``ld.shared``, which leaves the integer pipe a third of the work of the
+register decode; the table is faster at 1-4 rows, the register decode where B tiles are full.
+
 Against the CUDA-core GEMVs there are no codebook gathers through L1 and no per-element FMA
 (about five instructions per weight in the compiled loop, two of them ``prmt``), and the
 multiply-adds of up to eight activation rows cost the same one ``mma``. Needs sm_80+, bf16/fp16
@@ -59,24 +65,42 @@ def lookup_ops(sel: str, pick: str, first: str, second: str) -> list[tuple]:
             ("prmt.b32", first, "L", "H", "0x4051"), ("prmt.b32", second, "L", "H", "0x6273")]
 
 
+def table_lookup_ops(word: str, byte: int, dst: str, lane: str, t: str) -> list[tuple]:
+    """PTX decoding packed byte ``byte`` of ``word`` into pair ``dst`` through the shared table:
+    the byte (zero-extended), its entry's address for this lane (``lane`` = table + 4 * lane), the load."""
+    return [("prmt.b32", t, word, "0", hex(0x4440 + byte)), ("mad.lo.u32", t, t, "128", lane),
+            ("ld.shared.b32", dst, f"[{t}]")]
+
+
+def table_fill_ops(entry: str, lane: str, table: str, pair: str) -> list[tuple]:
+    """PTX storing the 32 copies of one table entry: copy ``(lane + i) % 32`` at step i, so the
+    lanes of a warp write 32 different banks at every step."""
+    ops = [("shl.b32", "l4", lane, "2"), ("mad.lo.u32", "base", entry, "128", table)]
+    for i in range(32):
+        ops += [("add.u32", "c", "l4", str(4 * i)), ("and.b32", "c", "c", "127"), ("add.u32", "a", "c", "base"),
+                ("st.shared.b32", "[a]", pair)]
+    return ops
+
+
 def _format(ops: list[tuple], names: dict) -> str:
     return " ".join(f"{op[0]} {', '.join(names.get(a, a) for a in op[1:])};" for op in ops)
 
 
-def _segment_asm(kind: str, tiles: int) -> str:
+def _segment_asm(kind: str, tiles: int, table: bool) -> str:
     """PTX for one 128-column segment: decode rows g and g + 8, scale, 8 k-steps of mma per tile.
 
     Operands (``pack=2``): outputs are ``tiles`` x (row g, row g + 8) fp32 accumulator pairs;
     inputs the packed words of row g and of row g + 8 (2 x int64 each), the activations (per tile
-    8 x int64, k-step j in operand j), the byte planes (8 x b32), the two rows' block scales and
-    the accumulators again.
+    8 x int64, k-step j in operand j), the byte planes (8 x b32) or, with ``table``, the lane's
+    table address (2 x b32, the same), the two rows' block scales and the accumulators again.
     """
     words, acts = 4 * tiles, 4 * tiles + 4
-    table = acts + 8 * tiles
-    scale, acc = table + 8, table + 10
-    planes = {name: f"${table + i}" for i, name in enumerate(_TABLE)}
+    decode = acts + 8 * tiles
+    scale = decode + (2 if table else 8)
+    acc = scale + 2
+    planes = {name: f"${decode + i}" for i, name in enumerate(_TABLE)}
     selectors = ", ".join(f"{row}{name}{upper}" for row in "gh" for name in ("i3", "sl") for upper in ("", "u"))
-    lines = [f"{{ .reg .b32 wg<4>, wh<4>, t, {selectors}, la, lb, L, ha, hb, H, b0, b1, a<4>, sg, sh, nz;",
+    lines = [f"{{ .reg .b32 wg<4>, wh<4>, t, t<4>, {selectors}, la, lb, L, ha, hb, H, b0, b1, a<4>, sg, sh, nz;",
              ".reg .f32 " + ", ".join(f"d{i}" for i in range(4 * tiles)) + ";",
              f"mov.b64 {{wg0, wg1}}, ${words}; mov.b64 {{wg2, wg3}}, ${words + 1};",
              f"mov.b64 {{wh0, wh1}}, ${words + 2}; mov.b64 {{wh2, wh3}}, ${words + 3}; mov.b32 nz, 0x80008000;",
@@ -84,11 +108,18 @@ def _segment_asm(kind: str, tiles: int) -> str:
              " ".join(f"mov.f32 d{i}, ${acc + i};" for i in range(4 * tiles))]
     for w in range(4):
         # Word w of each row holds k-steps 2w (bytes 0-1) and 2w + 1 (bytes 2-3).
-        lines.append(_format(selector_ops(f"wg{w}", "g") + selector_ops(f"wh{w}", "h"), {}))
+        if not table:
+            lines.append(_format(selector_ops(f"wg{w}", "g") + selector_ops(f"wh{w}", "h"), {}))
         for upper in ("", "u"):
             step = 2 * w + (upper == "u")
-            for row, first, second in (("g", "a0", "a2"), ("h", "a1", "a3")):
-                lines.append(_format(lookup_ops(f"{row}i3{upper}", f"{row}sl{upper}", first, second), planes))
+            for i, (row, first, second) in enumerate((("g", "a0", "a2"), ("h", "a1", "a3"))):
+                if table:
+                    byte = 2 * (upper == "u")
+                    ops = (table_lookup_ops(f"w{row}{w}", byte, first, f"${decode}", f"t{2 * i}")
+                           + table_lookup_ops(f"w{row}{w}", byte + 1, second, f"${decode}", f"t{2 * i + 1}"))
+                    lines.append(_format(ops, {}))
+                else:
+                    lines.append(_format(lookup_ops(f"{row}i3{upper}", f"{row}sl{upper}", first, second), planes))
             # -0.0 as the addend: one rounding, signed zeros kept (fma has bf16x2 from sm_80 on)
             lines.append(f"fma.rn.{kind}x2 a0, a0, sg, nz; fma.rn.{kind}x2 a2, a2, sg, nz; "
                          f"fma.rn.{kind}x2 a1, a1, sh, nz; fma.rn.{kind}x2 a3, a3, sh, nz;")
@@ -101,16 +132,28 @@ def _segment_asm(kind: str, tiles: int) -> str:
     return "\n".join(lines)
 
 
-def _constraints(tiles: int) -> str:
-    return ",".join(["=f"] * (4 * tiles) + ["l"] * (4 + 8 * tiles) + ["r"] * 8 + ["f"] * (2 + 4 * tiles))
+def _constraints(tiles: int, table: bool) -> str:
+    return ",".join(["=f"] * (4 * tiles) + ["l"] * (4 + 8 * tiles) + ["r"] * (2 if table else 8)
+                    + ["f"] * (2 + 4 * tiles))
 
 
-_BF16_1 = tl.constexpr(_segment_asm("bf16", 1))
-_BF16_2 = tl.constexpr(_segment_asm("bf16", 2))
-_F16_1 = tl.constexpr(_segment_asm("f16", 1))
-_F16_2 = tl.constexpr(_segment_asm("f16", 2))
-_CONSTRAINTS_1 = tl.constexpr(_constraints(1))
-_CONSTRAINTS_2 = tl.constexpr(_constraints(2))
+_BF16_1 = tl.constexpr(_segment_asm("bf16", 1, False))
+_BF16_2 = tl.constexpr(_segment_asm("bf16", 2, False))
+_F16_1 = tl.constexpr(_segment_asm("f16", 1, False))
+_F16_2 = tl.constexpr(_segment_asm("f16", 2, False))
+_CONSTRAINTS_1 = tl.constexpr(_constraints(1, False))
+_CONSTRAINTS_2 = tl.constexpr(_constraints(2, False))
+_TABLE_BF16_1 = tl.constexpr(_segment_asm("bf16", 1, True))
+_TABLE_BF16_2 = tl.constexpr(_segment_asm("bf16", 2, True))
+_TABLE_F16_1 = tl.constexpr(_segment_asm("f16", 1, True))
+_TABLE_F16_2 = tl.constexpr(_segment_asm("f16", 2, True))
+_TABLE_CONSTRAINTS_1 = tl.constexpr(_constraints(1, True))
+_TABLE_CONSTRAINTS_2 = tl.constexpr(_constraints(2, True))
+# The table is a static shared array of the kernel; declared once (one element per thread), its
+# address serves the fill and every lookup.
+_DECLARE = tl.constexpr("{ .shared .align 16 .b8 nf4_pair_table[32768]; mov.u32 $0, nf4_pair_table; }")
+_FILL = tl.constexpr("{ .reg .b32 a, c, l4, base;\n"
+                     + _format(table_fill_ops("$1", "$2", "$3", "$4"), {}) + "\nmov.b32 $0, 0; }")
 
 
 @triton.jit
@@ -122,6 +165,23 @@ def _byte_planes(code_ptr, first, DT: tl.constexpr):
     bits = tl.load(code_ptr + first + 4 * e + j).to(DT).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
     # the bytes do not overlap, so the sums are bitwise ors
     return tl.sum((bits & 0xFF) << (8 * j), axis=2), tl.sum((bits >> 8) << (8 * j), axis=2)
+
+
+@triton.jit
+def _fill_table(code_ptr, NW: tl.constexpr, DT: tl.constexpr):
+    """Writes the shared pair table (every program, once); returns its address."""
+    tl.static_assert(NW <= 8, "the table fill gives each thread whole entries")
+    t = tl.arange(0, NW * 32)
+    table = tl.inline_asm_elementwise(_DECLARE, "=r,r", [t], dtype=tl.int32, is_pure=True, pack=1)
+    for j in tl.static_range(256 // (NW * 32)):
+        entry = t + j * NW * 32
+        hi = tl.load(code_ptr + (entry >> 4)).to(DT).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        lo = tl.load(code_ptr + (entry & 15)).to(DT).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        # a pair as the A fragment takes it: element 2j (the high nibble) in the low half
+        tl.inline_asm_elementwise(_FILL, "=r,r,r,r,r", [entry, t % 32, table, hi | (lo << 16)], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+    tl.debug_barrier()
+    return tl.max(table, axis=0)
 
 
 @triton.jit
@@ -176,7 +236,7 @@ def _store(acc, token, row, M, N, NW: tl.constexpr, out_ptr, bias_ptr, stride_o,
 def _skinny_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, bias_ptr,
                    out_ptr, M, N, K, KB, stride_o, segments_per_split,
                    BS: tl.constexpr, NW: tl.constexpr, TILES: tl.constexpr, SPLIT: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, NESTED: tl.constexpr, F16: tl.constexpr):
+                   HAS_BIAS: tl.constexpr, NESTED: tl.constexpr, F16: tl.constexpr, TABLE: tl.constexpr):
     # x_ptr and packed_ptr are int64 views (4 activations, 16 codes). A thread's tensors are
     # [NW * 32, 2], row r on lane r % 32 of warp r // 32 (the layout the PTX relies on), a pair per
     # thread: element e of the scales is weight row g + 8e's, of an accumulator activation row 2c + e.
@@ -187,9 +247,12 @@ def _skinny_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, n
     rows = row + 8 * tl.arange(0, 2)[None, :]
     DT: tl.constexpr = tl.float16 if F16 else tl.bfloat16
     zero = tl.zeros((NW * 32, 2), tl.int32)
-    low01, high01 = _byte_planes(code_ptr, 0, DT)
-    low23, high23 = _byte_planes(code_ptr, 8, DT)
-    low01, low23, high01, high23 = zero + low01, zero + low23, zero + high01, zero + high23
+    if TABLE:
+        lane_entry = zero + (_fill_table(code_ptr, NW, DT) + (r % 32) * 4)  # copy l of an entry is on bank l
+    else:
+        low01, high01 = _byte_planes(code_ptr, 0, DT)
+        low23, high23 = _byte_planes(code_ptr, 8, DT)
+        low01, low23, high01, high23 = zero + low01, zero + low23, zero + high01, zero + high23
     acc_g0 = tl.zeros((NW * 32, 2), tl.float32)  # weight row g, activation rows 0-7 (tile 0)
     acc_h0 = tl.zeros((NW * 32, 2), tl.float32)  # weight row g + 8
     acc_g1 = tl.zeros((NW * 32, 2), tl.float32)  # the same for activation rows 8-15 (tile 1)
@@ -207,7 +270,18 @@ def _skinny_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, n
             BS, TILES, NESTED)
         k0 = seg * 128 + 32 * c
         scale = decode_scales(nested_code_ptr, offset, q, outer, (seg < seg_end) & (k0 < K) & (rows < N), NESTED)
-        if TILES == 1:
+        if TABLE:
+            if TILES == 1:
+                args = [wg, wh, x0, x1, x2, x3, lane_entry, scale, acc_g0, acc_h0]
+                acc_g0, acc_h0 = tl.inline_asm_elementwise(
+                    _TABLE_F16_1 if F16 else _TABLE_BF16_1, _TABLE_CONSTRAINTS_1, args, dtype=(tl.float32,) * 2,
+                    is_pure=True, pack=2)
+            else:
+                args = [wg, wh, x0, x1, x2, x3, y0, y1, y2, y3, lane_entry, scale, acc_g0, acc_h0, acc_g1, acc_h1]
+                acc_g0, acc_h0, acc_g1, acc_h1 = tl.inline_asm_elementwise(
+                    _TABLE_F16_2 if F16 else _TABLE_BF16_2, _TABLE_CONSTRAINTS_2, args, dtype=(tl.float32,) * 4,
+                    is_pure=True, pack=2)
+        elif TILES == 1:
             args = [wg, wh, x0, x1, x2, x3, low01, low23, high01, high23, scale, acc_g0, acc_h0]
             acc_g0, acc_h0 = tl.inline_asm_elementwise(_F16_1 if F16 else _BF16_1, _CONSTRAINTS_1, args,
                                                        dtype=(tl.float32,) * 2, is_pure=True, pack=2)
@@ -247,7 +321,8 @@ def matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, config
     """``x [m, k] @ W.T (+ bias) -> [m, n]`` for ``m <= 16`` where :func:`supports` holds.
 
     ``config``: ``num_warps`` (warps of a program, each taking every ``num_warps``-th segment of
-    the program's K range) and ``SPLIT`` (programs along K, their fp32 partials added after).
+    the program's K range; at most 8), ``SPLIT`` (programs along K, their fp32 partials added
+    after) and ``TABLE`` (decode through the shared pair table rather than in registers).
     """
     m, k = x.shape
     if x.stride(0) != k or x.stride(1) != 1 or x.data_ptr() % 8:
@@ -262,5 +337,5 @@ def matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, config
         bias if bias is not None else x, target, m, weight.n, k, weight.k_blocks, out.stride(0), per_split,
         BS=weight.blocksize, NW=config["num_warps"], TILES=1 if m <= 8 else 2, SPLIT=split,
         HAS_BIAS=bias is not None and split == 1, NESTED=weight.nested, F16=x.dtype == torch.float16,
-        num_warps=config["num_warps"])
+        TABLE=config.get("TABLE", False), num_warps=config["num_warps"])
     return out if split == 1 else finish_split_k(target, bias, out, split)

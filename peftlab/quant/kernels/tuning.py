@@ -8,7 +8,9 @@ GEMV with next-row prefetch, ``kernels-gemv-prefetch-h100.json``; the ``overlap`
 alternating-round timings at M=4096, ``kernels-overlap-h100.json``; the ``mma`` entries and the M=1
 rows' comparisons with it from ``kernels-mma-h100.json``), the fastest kernel and config. Other
 shapes use the nearest measured shape (in log N, log K) and other M the nearest measured M that
-the entry's kernel can take (in log M, ties going to the larger M). Kinds: ``gemv1`` (persistent
+the entry's kernel can take (in log M, ties going to the larger M). The ``mma`` entries with
+``table=True`` (shared-memory pair decode, M <= 8) come from alternating rounds against the
+entries they replaced, ``kernels-mma-table-alternating-h100.json``. Kinds: ``gemv1`` (persistent
 one-row GEMV), ``gemv`` (CUDA-core GEMV), ``mma`` (``skinny``: up to 16 rows, the weight decoded
 in registers for tensor-core ``mma.sync``), ``fused`` (dequantize tiles into ``tl.dot``),
 ``chunked`` (dequantize into a scratch buffer +
@@ -25,17 +27,17 @@ import math
 import torch
 
 
-def _mma(warps: int, split: int) -> dict:
-    return {"SPLIT": split, "num_warps": warps}
+def _mma(warps: int, split: int, table: bool = False) -> dict:
+    return {"SPLIT": split, "num_warps": warps, "TABLE": table}
 
 
 DEQUANT_CONFIG = {"elems_per_program": 2048, "num_warps": 4, "flat_block": 1024}
 
 FORWARD = {
     (4096, 4096): {
-        1: ('gemv1', {'PROGRAMS_PER_SM': 6, 'CHUNK_BLOCKS': 64, 'VEC': 16, 'num_warps': 4}),  # 9.4 us (8.2 vs mma 9.0 in kernels-mma)
-        2: ('mma', _mma(4, 1)),  # 9.3 us vs 14.0 fused
-        4: ('mma', _mma(4, 1)),  # 9.6 us vs 13.8 fused
+        1: ('mma', _mma(4, 1, table=True)),  # 6.5 us vs 8.5 gemv1 (kernels-mma-table-alternating)
+        2: ('mma', _mma(4, 1, table=True)),  # 6.8 us vs 7.7 (kernels-mma-table-alternating)
+        4: ('mma', _mma(4, 1, table=True)),  # 7.4 us vs 7.9 (kernels-mma-table-alternating)
         8: ('mma', _mma(4, 1)),  # 10.0 us vs 13.9 fused
         12: ('mma', _mma(4, 1)),  # 11.6 us vs 14.0 fused
         16: ('mma', _mma(4, 1)),  # 12.0 us vs 14.2 fused
@@ -45,10 +47,10 @@ FORWARD = {
         4096: ('overlap', 8388608),  # 213.8 us vs 217.9 whole (alternating rounds)
     },
     (4096, 11008): {
-        1: ('mma', _mma(4, 1)),  # 19.5 us vs 20.4 gemv1
-        2: ('mma', _mma(2, 4)),  # 19.7 us vs 30.2 fused
-        4: ('mma', _mma(2, 4)),  # 19.7 us vs 30.3 fused
-        8: ('mma', _mma(4, 2)),  # 19.9 us vs 30.6 fused
+        1: ('mma', _mma(8, 1, table=True)),  # 12.4 us vs 16.4 (kernels-mma-table-alternating)
+        2: ('mma', _mma(8, 1, table=True)),  # 12.8 us vs 17.6 (kernels-mma-table-alternating)
+        4: ('mma', _mma(8, 1, table=True)),  # 13.9 us vs 17.6 (kernels-mma-table-alternating)
+        8: ('mma', _mma(4, 1, table=True)),  # 16.6 us vs 17.8 (kernels-mma-table-alternating)
         12: ('mma', _mma(8, 1)),  # 21.9 us vs 30.1 fused
         16: ('mma', _mma(8, 1)),  # 22.7 us vs 30.9 fused
         64: ('fused', {'BM': 64, 'BN': 128, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 44.6 us
@@ -57,9 +59,9 @@ FORWARD = {
         4096: ('chunked', None),  # 554.6 us
     },
     (11008, 4096): {
-        1: ('gemv1', {'PROGRAMS_PER_SM': 6, 'CHUNK_BLOCKS': 64, 'VEC': 16, 'num_warps': 4}),  # 20.2 us (17.8 vs mma 19.0 in kernels-mma)
-        2: ('mma', _mma(4, 1)),  # 18.9 us vs 31.4 fused
-        4: ('mma', _mma(4, 1)),  # 19.3 us vs 30.8 fused
+        1: ('mma', _mma(2, 1, table=True)),  # 12.6 us vs 17.8 gemv1 (kernels-mma-table-alternating)
+        2: ('mma', _mma(2, 1, table=True)),  # 13.4 us vs 17.0 (kernels-mma-table-alternating)
+        4: ('mma', _mma(2, 1, table=True)),  # 14.5 us vs 17.2 (kernels-mma-table-alternating)
         8: ('mma', _mma(4, 1)),  # 19.3 us vs 31.5 fused
         12: ('mma', _mma(2, 1)),  # 22.6 us vs 31.5 fused
         16: ('mma', _mma(2, 1)),  # 24.8 us vs 31.1 fused
@@ -69,10 +71,10 @@ FORWARD = {
         4096: ('overlap', 8388608),  # 538.2 us vs 617.8 whole, 574.0 in 32M chunks (alternating rounds)
     },
     (14336, 4096): {
-        1: ('gemv1', {'PROGRAMS_PER_SM': 6, 'CHUNK_BLOCKS': 64, 'VEC': 16, 'num_warps': 4}),  # 25.2 us (22.4 vs mma 23.3 in kernels-mma)
-        2: ('mma', _mma(4, 1)),  # 23.2 us vs 36.0 fused
-        4: ('mma', _mma(2, 2)),  # 23.9 us vs 35.4 fused
-        8: ('mma', _mma(4, 1)),  # 24.6 us vs 36.6 fused
+        1: ('mma', _mma(4, 1, table=True)),  # 17.2 us vs 22.3 gemv1 (kernels-mma-table-alternating)
+        2: ('mma', _mma(4, 1, table=True)),  # 17.7 us vs 20.8 (kernels-mma-table-alternating)
+        4: ('mma', _mma(4, 1, table=True)),  # 19.2 us vs 21.9 (kernels-mma-table-alternating)
+        8: ('mma', _mma(4, 1, table=True)),  # 22.4 us vs 23.1 (kernels-mma-table-alternating)
         12: ('mma', _mma(4, 1)),  # 26.8 us vs 36.8 fused
         16: ('mma', _mma(2, 1)),  # 28.3 us vs 37.1 fused
         64: ('fused', {'BM': 64, 'BN': 128, 'BK': 128, 'SPLIT_K': 2, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 46.0 us
@@ -137,35 +139,41 @@ def _lora_add(bm: int, bn: int) -> dict:
 # An adapted linear layer at inference, per base weight shape (N, K) and token count M, from
 # ``python benchmarks/lora_linear.py --sweep`` on an H100 (bf16, r=16): ``("fused", config)`` runs
 # ``lora_linear`` (base and LoRA in one kernel), ``("add", config)`` the base GEMM and ``h`` on
-# cuBLAS and ``lora_add`` for the output, ``("separate", None)`` three cuBLAS GEMMs.
+# cuBLAS and ``lora_add`` for the output, ``("merge", config)`` ``lora_add`` writing a merged weight
+# for the call and one cuBLAS GEMM on it (``lora_transient_merge``), ``("separate", None)`` three
+# cuBLAS GEMMs. ``add`` and ``merge`` run only inside CUDA-graph capture (see ``adapters.lora``).
 LORA_FORWARD: dict[tuple[int, int], dict[int, tuple[str, dict | None]]] = {
     (256, 2048): {
         1: ("fused", _lora_fused(16, 16, 256, 3)),  # 7.3 us vs 12.1
         16: ("fused", _lora_fused(16, 16, 256, 3)),  # 6.8 us vs 11.9
         128: ("fused", _lora_fused(64, 16, 256, 3)),  # 7.9 us vs 13.3
-        512: ("add", _lora_add(128, 64)),  # 14.2 us vs 14.7
-        4096: ("add", _lora_add(128, 64)),  # 19.9 us vs 21.2
+        512: ("merge", _lora_add(128, 64)),  # 9.0 us vs 14.6
+        2048: ("merge", _lora_add(128, 64)),  # 10.5 us vs 16.5
+        4096: ("merge", _lora_add(128, 64)),  # 13.8 us vs 21.0
     },
     (2048, 2048): {
         1: ("fused", _lora_fused(16, 32, 256, 3)),  # 10.7 us vs 14.2
         16: ("fused", _lora_fused(16, 16, 256, 3)),  # 8.4 us vs 14.2
         128: ("fused", _lora_fused(64, 32, 128, 4)),  # 9.1 us vs 14.6
-        512: ("add", _lora_add(128, 64)),  # 19.0 us vs 20.0
-        4096: ("add", _lora_add(128, 64)),  # 63.8 us vs 65.7
+        512: ("merge", _lora_add(128, 64)),  # 16.5 us vs 20.3
+        2048: ("merge", _lora_add(128, 64)),  # 30.9 us vs 37.1
+        4096: ("merge", _lora_add(64, 128)),  # 53.5 us vs 69.1
     },
     (2048, 5632): {
         1: ("add", _lora_add(32, 256)),  # 21.7 us vs 22.9
         16: ("fused", _lora_fused(16, 16, 256, 3)),  # 17.3 us vs 22.7
         128: ("fused", _lora_fused(64, 32, 128, 4)),  # 18.7 us vs 23.2
-        512: ("add", _lora_add(64, 128)),  # 34.6 us vs 36.5
-        4096: ("add", _lora_add(64, 128)),  # 153.0 us vs 154.0
+        512: ("add", _lora_add(128, 64)),  # 33.9 us vs 35.6
+        2048: ("merge", _lora_add(128, 64)),  # 76.3 us vs 78.9
+        4096: ("merge", _lora_add(64, 128)),  # 135.8 us vs 168.4
     },
     (5632, 2048): {
         1: ("fused", _lora_fused(16, 64, 256, 3)),  # 15.3 us vs 18.4
         16: ("fused", _lora_fused(16, 64, 128, 4)),  # 14.3 us vs 18.5
         128: ("fused", _lora_fused(64, 128, 128, 3)),  # 15.6 us vs 19.7
-        512: ("add", _lora_add(128, 64)),  # 27.9 us vs 30.2
-        4096: ("add", _lora_add(64, 128)),  # 169.9 us vs 190.9
+        512: ("add", _lora_add(64, 128)),  # 28.6 us vs 30.1
+        2048: ("merge", _lora_add(128, 64)),  # 78.9 us vs 92.0
+        4096: ("merge", _lora_add(64, 128)),  # 147.5 us vs 193.1
     },
 }
 
@@ -280,7 +288,7 @@ def sweep_candidates() -> dict:
                         _fused(16, 128, 64, 4, 3, 4, w_is_a=True), _fused(16, 128, 128, 8, 3, 4, w_is_a=True),
                         _fused(16, 32, 256, 2, 3, 8, w_is_a=True), _fused(16, 64, 256, 8, 3, 4, w_is_a=True),
                         _fused(16, 64, 128, 4, 1, 4, w_is_a=True), _fused(16, 128, 128, 4, 3, 2, w_is_a=True)],
-        "mma": [_mma(w, s) for w in (2, 4, 8) for s in (1, 2, 4)],
+        "mma": [_mma(w, s, t) for t in (False, True) for w in (2, 4, 8) for s in (1, 2, 4)],
         "fused": [_fused(64, 128, 128, 4, 3, 2), _fused(64, 64, 128, 4, 3, 2), _fused(64, 128, 128, 4, 3, 4),
                   _fused(64, 64, 128, 4, 3)],
         "chunked": [{"chunk_elems": None}, {"chunk_elems": 32 << 20}],
