@@ -406,8 +406,8 @@ def _inference_plan(x: torch.Tensor, tokens: int, n: int) -> tuple[str, dict | N
         return "separate", None
     kind, config = lora_plan(tokens, n, x.shape[-1])
     if kind in ("add", "merge") and not torch.cuda.is_current_stream_capturing():
-        # These save GPU time but not launches, and a Triton launch costs the host more than a
-        # cuBLAS one: eagerly run forwards are host-bound there (benchmarks/NOTES-e2e.md, §6, §9).
+        # These save GPU time, but a Triton launch costs the host more than a cuBLAS one:
+        # eagerly run forwards are host-bound there (benchmarks/NOTES-e2e.md, §6, §9).
         return "separate", None
     return kind, config
 

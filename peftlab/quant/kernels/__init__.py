@@ -1,5 +1,5 @@
 """Triton kernels: NF4 dequantize, small-batch GEMV, tensor-core skinny matmul (1-16 rows, codes
-decoded in registers), tiled GEMM, input-gradient matmul; LoRA
+decoded in registers or through a shared pair table), tiled GEMM, input-gradient matmul; LoRA
 inference (``lora_linear``: base and low-rank term in one kernel, ``lora_add``: the term in one pass).
 
 The entry points load lazily, so importing this package (the dispatcher lives here) never

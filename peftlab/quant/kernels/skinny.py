@@ -91,13 +91,12 @@ def _segment_asm(kind: str, tiles: int, table: bool) -> str:
 
     Operands (``pack=2``): outputs are ``tiles`` x (row g, row g + 8) fp32 accumulator pairs;
     inputs the packed words of row g and of row g + 8 (2 x int64 each), the activations (per tile
-    8 x int64, k-step j in operand j), the byte planes (8 x b32) or, with ``table``, the lane's
-    table address (2 x b32, the same), the two rows' block scales and the accumulators again.
+    8 x int64, k-step j in operand j), the byte planes (8 x b32; with ``table``, the lane's table
+    address in the first, the rest unused), the two rows' block scales and the accumulators again.
     """
     words, acts = 4 * tiles, 4 * tiles + 4
     decode = acts + 8 * tiles
-    scale = decode + (2 if table else 8)
-    acc = scale + 2
+    scale, acc = decode + 8, decode + 10
     planes = {name: f"${decode + i}" for i, name in enumerate(_TABLE)}
     selectors = ", ".join(f"{row}{name}{upper}" for row in "gh" for name in ("i3", "sl") for upper in ("", "u"))
     lines = [f"{{ .reg .b32 wg<4>, wh<4>, t, t<4>, {selectors}, la, lb, L, ha, hb, H, b0, b1, a<4>, sg, sh, nz;",
@@ -132,23 +131,20 @@ def _segment_asm(kind: str, tiles: int, table: bool) -> str:
     return "\n".join(lines)
 
 
-def _constraints(tiles: int, table: bool) -> str:
-    return ",".join(["=f"] * (4 * tiles) + ["l"] * (4 + 8 * tiles) + ["r"] * (2 if table else 8)
-                    + ["f"] * (2 + 4 * tiles))
+def _constraints(tiles: int) -> str:
+    return ",".join(["=f"] * (4 * tiles) + ["l"] * (4 + 8 * tiles) + ["r"] * 8 + ["f"] * (2 + 4 * tiles))
 
 
 _BF16_1 = tl.constexpr(_segment_asm("bf16", 1, False))
 _BF16_2 = tl.constexpr(_segment_asm("bf16", 2, False))
 _F16_1 = tl.constexpr(_segment_asm("f16", 1, False))
 _F16_2 = tl.constexpr(_segment_asm("f16", 2, False))
-_CONSTRAINTS_1 = tl.constexpr(_constraints(1, False))
-_CONSTRAINTS_2 = tl.constexpr(_constraints(2, False))
+_CONSTRAINTS_1 = tl.constexpr(_constraints(1))
+_CONSTRAINTS_2 = tl.constexpr(_constraints(2))
 _TABLE_BF16_1 = tl.constexpr(_segment_asm("bf16", 1, True))
 _TABLE_BF16_2 = tl.constexpr(_segment_asm("bf16", 2, True))
 _TABLE_F16_1 = tl.constexpr(_segment_asm("f16", 1, True))
 _TABLE_F16_2 = tl.constexpr(_segment_asm("f16", 2, True))
-_TABLE_CONSTRAINTS_1 = tl.constexpr(_constraints(1, True))
-_TABLE_CONSTRAINTS_2 = tl.constexpr(_constraints(2, True))
 # The table is a static shared array of the kernel; declared once (one element per thread), its
 # address serves the fill and every lookup.
 _DECLARE = tl.constexpr("{ .shared .align 16 .b8 nf4_pair_table[32768]; mov.u32 $0, nf4_pair_table; }")
@@ -247,8 +243,9 @@ def _skinny_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, n
     rows = row + 8 * tl.arange(0, 2)[None, :]
     DT: tl.constexpr = tl.float16 if F16 else tl.bfloat16
     zero = tl.zeros((NW * 32, 2), tl.int32)
-    if TABLE:
+    if TABLE:  # the segment PTX reads the lane's table address from the first decode operand
         lane_entry = zero + (_fill_table(code_ptr, NW, DT) + (r % 32) * 4)  # copy l of an entry is on bank l
+        low01, low23, high01, high23 = lane_entry, lane_entry, lane_entry, lane_entry
     else:
         low01, high01 = _byte_planes(code_ptr, 0, DT)
         low23, high23 = _byte_planes(code_ptr, 8, DT)
@@ -270,26 +267,17 @@ def _skinny_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, n
             BS, TILES, NESTED)
         k0 = seg * 128 + 32 * c
         scale = decode_scales(nested_code_ptr, offset, q, outer, (seg < seg_end) & (k0 < K) & (rows < N), NESTED)
-        if TABLE:
-            if TILES == 1:
-                args = [wg, wh, x0, x1, x2, x3, lane_entry, scale, acc_g0, acc_h0]
-                acc_g0, acc_h0 = tl.inline_asm_elementwise(
-                    _TABLE_F16_1 if F16 else _TABLE_BF16_1, _TABLE_CONSTRAINTS_1, args, dtype=(tl.float32,) * 2,
-                    is_pure=True, pack=2)
-            else:
-                args = [wg, wh, x0, x1, x2, x3, y0, y1, y2, y3, lane_entry, scale, acc_g0, acc_h0, acc_g1, acc_h1]
-                acc_g0, acc_h0, acc_g1, acc_h1 = tl.inline_asm_elementwise(
-                    _TABLE_F16_2 if F16 else _TABLE_BF16_2, _TABLE_CONSTRAINTS_2, args, dtype=(tl.float32,) * 4,
-                    is_pure=True, pack=2)
-        elif TILES == 1:
+        if TILES == 1:
             args = [wg, wh, x0, x1, x2, x3, low01, low23, high01, high23, scale, acc_g0, acc_h0]
-            acc_g0, acc_h0 = tl.inline_asm_elementwise(_F16_1 if F16 else _BF16_1, _CONSTRAINTS_1, args,
-                                                       dtype=(tl.float32,) * 2, is_pure=True, pack=2)
+            acc_g0, acc_h0 = tl.inline_asm_elementwise(
+                (_TABLE_F16_1 if F16 else _TABLE_BF16_1) if TABLE else (_F16_1 if F16 else _BF16_1), _CONSTRAINTS_1,
+                args, dtype=(tl.float32,) * 2, is_pure=True, pack=2)
         else:
             args = [wg, wh, x0, x1, x2, x3, y0, y1, y2, y3, low01, low23, high01, high23, scale,
                     acc_g0, acc_h0, acc_g1, acc_h1]
             acc_g0, acc_h0, acc_g1, acc_h1 = tl.inline_asm_elementwise(
-                _F16_2 if F16 else _BF16_2, _CONSTRAINTS_2, args, dtype=(tl.float32,) * 4, is_pure=True, pack=2)
+                (_TABLE_F16_2 if F16 else _TABLE_BF16_2) if TABLE else (_F16_2 if F16 else _BF16_2), _CONSTRAINTS_2,
+                args, dtype=(tl.float32,) * 4, is_pure=True, pack=2)
         wg, wh, q, outer, x0, x1, x2, x3, y0, y1, y2, y3 = (
             wg_n, wh_n, q_n, outer_n, x0_n, x1_n, x2_n, x3_n, y0_n, y1_n, y2_n, y3_n)
         seg += NW

@@ -12,7 +12,7 @@ the entry's kernel can take (in log M, ties going to the larger M). The ``mma`` 
 ``table=True`` (shared-memory pair decode, M <= 8) come from alternating rounds against the
 entries they replaced, ``kernels-mma-table-alternating-h100.json``. Kinds: ``gemv1`` (persistent
 one-row GEMV), ``gemv`` (CUDA-core GEMV), ``mma`` (``skinny``: up to 16 rows, the weight decoded
-in registers for tensor-core ``mma.sync``), ``fused`` (dequantize tiles into ``tl.dot``),
+in registers, or with ``TABLE`` through a shared pair table, for tensor-core ``mma.sync``), ``fused`` (dequantize tiles into ``tl.dot``),
 ``chunked`` (dequantize into a scratch buffer +
 cuBLAS; the value is the chunk size in elements, ``None`` for the whole weight at once), ``overlap``
 (chunks as ``chunked``, the next one dequantized on a side stream during the current GEMM). The
