@@ -9,6 +9,10 @@ Timing: each measurement captures a CUDA graph of many calls and times its repla
 events (median of several replays / calls per replay), so Python and launch overheads drop out.
 Calls rotate over several independent copies of the weight (and activations) whose total size
 is at least 4x the L2 cache, so even M=1 reads its weight from HBM as a real decode step would.
+All variants of one shape and M (cuBLAS, bitsandbytes, peftlab, sweep candidates) are timed in
+the same alternating rounds and reported as medians over them, with each round's ratio to cuBLAS
+alongside: the GPU's clocks drift with power and temperature, and only measurements taken side
+by side compare fairly.
 """
 from __future__ import annotations
 
@@ -46,8 +50,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 # ----------------------------------------------------------------------------- timing
-def time_calls(calls: list, target_ms: float = 4.0, replays: int = 7) -> float:
-    """Median ms per call of ``calls`` (run round-robin) from CUDA-graph replays."""
+def _replayer(calls: list, target_ms: float = 4.0) -> tuple:
+    """``(run_once, reps)``: a CUDA graph of ``reps`` calls of ``calls`` (round-robin), replayed by
+    ``run_once``; where capture fails, the same calls launched eagerly."""
     for call in calls:  # compile, autotune caches, allocator warm-up
         call()
     torch.cuda.synchronize()
@@ -82,6 +87,12 @@ def time_calls(calls: list, target_ms: float = 4.0, replays: int = 7) -> float:
                 calls[i % len(calls)]()
     run_once()
     torch.cuda.synchronize()
+    return run_once, reps
+
+
+def _replay_ms(run_once, reps: int, replays: int) -> float:
+    """Median ms per call over ``replays`` timed replays."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(replays):
         start.record()
@@ -90,6 +101,35 @@ def time_calls(calls: list, target_ms: float = 4.0, replays: int = 7) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / reps)
     return statistics.median(times)
+
+
+def time_calls(calls: list, target_ms: float = 4.0, replays: int = 7) -> float:
+    """Median ms per call of ``calls`` (run round-robin) from CUDA-graph replays."""
+    return _replay_ms(*_replayer(calls, target_ms), replays)
+
+
+def time_rounds(variants: dict[str, list], rounds: int, replays: int = 3) -> dict[str, list[float]]:
+    """ms per call of every variant in each of ``rounds`` rounds; each round times every variant
+    once, in reversed order every other round. Clocks drift with the GPU's power and temperature
+    (bf16 cuBLAS at M=4096 moved by up to 20 % within one run), so variants are only compared within a
+    round or by their medians over the same rounds, never across separate stretches of a run."""
+    prepared = {name: _replayer(calls) for name, calls in variants.items()}
+    names = list(prepared)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            times[name].append(_replay_ms(*prepared[name], replays))
+    return times
+
+
+def warm_up(seconds: float) -> None:
+    """Back-to-back bf16 GEMMs, so the first measurements do not run on a cool, fully boosted GPU."""
+    a = torch.randn(4096, 4096, device="cuda", dtype=DTYPE)
+    t0 = time.time()
+    while time.time() - t0 < seconds:
+        for _ in range(20):
+            a @ a
+        torch.cuda.synchronize()
 
 
 FALLBACKS: list[str] = []  # measurements that had to be timed eagerly (reported in the JSON)
@@ -151,9 +191,10 @@ def _kernel_fn(kind: str, cfg):
     return lambda g, w: chunked.matmul_grad_input(g, w, *chunked.plan_chunks(kind.removeprefix("grad_"), cfg["chunk_elems"], w))
 
 
-def _candidates(kinds, candidates, m, inputs, ops, target) -> list[dict]:
-    """Times and checks every candidate of ``kinds`` that applies to ``m``."""
-    results = []
+def _candidates(kinds, candidates, m, inputs, ops, target) -> list[tuple[dict, list | None]]:
+    """``(record, calls)`` for every candidate of ``kinds`` that applies to ``m``: the record holds
+    its config and error against ``target`` (or why it failed), ``calls`` what to time (or None)."""
+    out = []
     for kind in kinds:
         lo, hi = _RANGE[kind]
         if not lo <= m <= hi:
@@ -161,14 +202,14 @@ def _candidates(kinds, candidates, m, inputs, ops, target) -> list[dict]:
         for cfg in candidates.get(kind, []):
             fn = _kernel_fn(kind, cfg)
             try:
-                out = fn(inputs[0], ops.nf4[0][2])
-                err = ((out.float() - target).norm() / target.norm()).item()
-                t = time_calls([lambda i=i, w=w: fn(inputs[i], w) for i, (_, _, w) in enumerate(ops.nf4)])
+                got = fn(inputs[0], ops.nf4[0][2])
+                err = ((got.float() - target).norm() / target.norm()).item()
             except Exception as exc:  # a config that does not compile or fit is recorded, not fatal
-                results.append({"kind": kind, "config": cfg, "error": repr(exc)[:300]})
+                out.append(({"kind": kind, "config": cfg, "error": repr(exc)[:300]}, None))
                 continue
-            results.append({"kind": kind, "config": cfg, "ms": t, "rel_err": err})
-    return results
+            calls = [lambda i=i, w=w, fn=fn: fn(inputs[i], w) for i, (_, _, w) in enumerate(ops.nf4)]
+            out.append(({"kind": kind, "config": cfg, "rel_err": err}, calls))
+    return out
 
 
 def _best(results: list[dict]) -> dict | None:
@@ -182,8 +223,12 @@ def _best(results: list[dict]) -> dict | None:
     return best
 
 
-def run(shapes, ms, candidates: dict, with_bnb: bool, save) -> dict:
-    """Baselines, peftlab's current plan and every candidate config, for each shape and M."""
+BASELINES = ("cublas", "bwd_cublas", "bnb", "bwd_bnb", "peftlab", "bwd_peftlab")
+
+
+def run(shapes, ms, candidates: dict, with_bnb: bool, rounds: int, save) -> dict:
+    """Baselines, peftlab's current plan and every candidate config, for each shape and M, all
+    timed in the same alternating rounds (``time_rounds``); each row keeps every round's times."""
     rows, dequant = [], []
     for n, k in shapes:
         t0 = time.time()
@@ -199,36 +244,48 @@ def run(shapes, ms, candidates: dict, with_bnb: bool, save) -> dict:
         tuning.DEQUANT_CONFIG.update(saved)
         for m in ms:
             xs, gs = activations(m, k, len(ops.nf4)), activations(m, n, len(ops.nf4))
-            row = {"N": n, "K": k, "M": m}
-            row["cublas_ms"] = time_calls([lambda i=i: torch.nn.functional.linear(xs[i], w) for i, w in enumerate(ops.bf16)])
-            row["bwd_cublas_ms"] = time_calls([lambda i=i: gs[i] @ w for i, w in enumerate(ops.bf16)])
+            variants = {"cublas": [lambda i=i, w=w: torch.nn.functional.linear(xs[i], w) for i, w in enumerate(ops.bf16)],
+                        "bwd_cublas": [lambda i=i, w=w: gs[i] @ w for i, w in enumerate(ops.bf16)]}
             if with_bnb:
                 import bitsandbytes as bnb
                 import bitsandbytes.functional as bnbf
 
-                row["bnb_ms"] = time_calls([lambda i=i: bnb.matmul_4bit(xs[i], p.t(), quant_state=s)
-                                            for i, (p, s) in enumerate(ops.bnb)])
+                variants["bnb"] = [lambda i=i, p=p, s=s: bnb.matmul_4bit(xs[i], p.t(), quant_state=s)
+                                   for i, (p, s) in enumerate(ops.bnb)]
                 # bitsandbytes' backward for the input: dequantize the whole weight, then cuBLAS.
-                row["bwd_bnb_ms"] = time_calls([lambda i=i: gs[i] @ bnbf.dequantize_4bit(p, s).to(DTYPE)
-                                                for i, (p, s) in enumerate(ops.bnb)])
-            row["peftlab_ms"] = time_calls([lambda i=i: nf4_matmul(xs[i], p, s) for i, (p, s, _) in enumerate(ops.nf4)])
-            row["peftlab_plan"] = tuning.forward_plan(m, n, k, 64, DTYPE)
-            row["bwd_peftlab_ms"] = time_calls([lambda i=i: nf4_matmul_grad_input(gs[i], p, s)
-                                                for i, (p, s, _) in enumerate(ops.nf4)])
-            row["bwd_peftlab_plan"] = tuning.grad_input_plan(m, n, k, 64, DTYPE)
+                variants["bwd_bnb"] = [lambda i=i, p=p, s=s: gs[i] @ bnbf.dequantize_4bit(p, s).to(DTYPE)
+                                       for i, (p, s) in enumerate(ops.bnb)]
+            variants["peftlab"] = [lambda i=i, p=p, s=s: nf4_matmul(xs[i], p, s) for i, (p, s, _) in enumerate(ops.nf4)]
+            variants["bwd_peftlab"] = [lambda i=i, p=p, s=s: nf4_matmul_grad_input(gs[i], p, s) for i, (p, s, _) in enumerate(ops.nf4)]
+            row = {"N": n, "K": k, "M": m, "peftlab_plan": tuning.forward_plan(m, n, k, 64, DTYPE),
+                   "bwd_peftlab_plan": tuning.grad_input_plan(m, n, k, 64, DTYPE)}
+            forward, backward = [], []
             if candidates:
                 ref = xs[0].float() @ ref_w.t()
-                row["forward_candidates"] = _candidates(FORWARD_KINDS, candidates, m, xs, ops, ref)
+                forward = _candidates(FORWARD_KINDS, candidates, m, xs, ops, ref)
                 del ref
                 ref_g = gs[0].float() @ ref_w
-                row["backward_candidates"] = _candidates(BACKWARD_KINDS, candidates, m, gs, ops, ref_g)
+                backward = _candidates(BACKWARD_KINDS, candidates, m, gs, ops, ref_g)
                 del ref_g
+            timed = [(f"candidate{j}", record, calls) for j, (record, calls) in enumerate(forward + backward) if calls]
+            variants.update({name: calls for name, _, calls in timed})
+            times = time_rounds(variants, rounds)
+            for name in BASELINES:
+                if name in times:
+                    row[f"{name}_ms"] = statistics.median(times[name])
+                    row[f"{name}_rounds_ms"] = times[name]
+            for name, record, _ in timed:
+                record["ms"] = statistics.median(times[name])
+                record["rounds_ms"] = times[name]
+            if candidates:
+                row["forward_candidates"] = [record for record, _ in forward]
+                row["backward_candidates"] = [record for record, _ in backward]
                 row["best_forward"] = _best(row["forward_candidates"])
                 row["best_backward"] = _best(row["backward_candidates"])
             rows.append(row)
             save({"rows": rows, "dequant": dequant})
             print(_row_line(row), flush=True)
-            del xs, gs
+            del xs, gs, variants, timed, forward, backward
         print(f"{n}x{k} done in {time.time() - t0:.0f}s", flush=True)
         del ops, ref_w
         torch.cuda.empty_cache()
@@ -262,6 +319,10 @@ def summarize(rows: list[dict]) -> list[dict]:
                 "bwd_cublas_ms": r["bwd_cublas_ms"], "bwd_bnb_ms": r.get("bwd_bnb_ms"),
                 "bwd_peftlab_ms": bwd["ms"] if bwd else r["bwd_peftlab_ms"], "bwd_peftlab_kind": bwd["kind"] if bwd else None}
         line["x_vs_cublas"] = line["cublas_ms"] / line["peftlab_ms"]
+        ours = (fwd or {}).get("rounds_ms") if fwd else r.get("peftlab_rounds_ms")
+        if ours and r.get("cublas_rounds_ms"):  # each round's ratio: the spread behind the median
+            paired = [c / p for c, p in zip(r["cublas_rounds_ms"], ours)]
+            line["x_vs_cublas_rounds"] = [min(paired), max(paired)]
         line["x_vs_bnb"] = line["bnb_ms"] / line["peftlab_ms"] if line["bnb_ms"] else None
         line["bwd_x_vs_bnb"] = line["bwd_bnb_ms"] / line["bwd_peftlab_ms"] if line["bwd_bnb_ms"] else None
         out.append(line)
@@ -269,11 +330,13 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def print_table(summary: list[dict]) -> None:
-    print(f"{'N x K':>11} {'M':>5} | {'cuBLAS':>7} {'bnb':>7} {'peftlab':>7} {'kind':>12} {'x cuBLAS':>8} {'x bnb':>6} |"
-          f" {'bwd cuBLAS':>10} {'bwd bnb':>7} {'bwd peft':>8} {'kind':>12} {'x bnb':>6}   (ms)")
+    print(f"{'N x K':>11} {'M':>5} | {'cuBLAS':>7} {'bnb':>7} {'peftlab':>7} {'kind':>12} {'x cuBLAS':>8} {'rounds':>9}"
+          f" {'x bnb':>6} | {'bwd cuBLAS':>10} {'bwd bnb':>7} {'bwd peft':>8} {'kind':>12} {'x bnb':>6}   (ms)")
     for s in summary:
+        spread = "{:.2f}-{:.2f}".format(*s["x_vs_cublas_rounds"]) if "x_vs_cublas_rounds" in s else "-"
         print(f"{s['N']:>5}x{s['K']:<5} {s['M']:>5} | {s['cublas_ms']:7.4f} {s['bnb_ms'] or float('nan'):7.4f} "
-              f"{s['peftlab_ms']:7.4f} {str(s['peftlab_kind']):>12} {s['x_vs_cublas']:8.2f} {s['x_vs_bnb'] or float('nan'):6.2f} |"
+              f"{s['peftlab_ms']:7.4f} {str(s['peftlab_kind']):>12} {s['x_vs_cublas']:8.2f} {spread:>9}"
+              f" {s['x_vs_bnb'] or float('nan'):6.2f} |"
               f" {s['bwd_cublas_ms']:10.4f} {s['bwd_bnb_ms'] or float('nan'):7.4f} {s['bwd_peftlab_ms']:8.4f}"
               f" {str(s['bwd_peftlab_kind']):>12} {s['bwd_x_vs_bnb'] or float('nan'):6.2f}")
 
@@ -322,7 +385,9 @@ def environment() -> dict:
 
     env = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
            "cuda": torch.version.cuda, "python": platform.python_version(),
-           "timing": "CUDA graph replay, median of 7 replays; weights rotate over copies >= 4x L2 (no L2 flush)"}
+           "timing": ("CUDA graph replay; every variant of a row timed once per round (median of 3 replays), "
+                      "order reversed every other round; medians over the rounds; weights rotate over copies "
+                      ">= 4x L2 (no L2 flush); a few seconds of bf16 GEMMs before the first row")}
     try:
         import bitsandbytes
 
@@ -346,6 +411,8 @@ def main() -> None:
     parser.add_argument("--shapes", default=None, help="subset, e.g. 11008x4096,4096x11008")
     parser.add_argument("--ms", default=None, help="subset of M, e.g. 1,16")
     parser.add_argument("--kinds", default=None, help="with --sweep: only these kinds, e.g. gemv,fused_small")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per row (default 5)")
+    parser.add_argument("--warmup-s", type=float, default=3.0, help="seconds of bf16 GEMMs before the first row")
     parser.add_argument("--merge", nargs="+", type=Path, default=None,
                         help="no GPU: merge per-shape result files into --out and print the table")
     args = parser.parse_args()
@@ -366,7 +433,9 @@ def main() -> None:
     if args.kinds:
         candidates = {k: v for k, v in candidates.items() if k in args.kinds.split(",")}
     path = args.out or RESULTS / f"kernels-{gpu}.json"
-    payload = {**env, **run(shapes, ms, candidates, with_bnb,
+    env["rounds"] = args.rounds
+    warm_up(args.warmup_s)
+    payload = {**env, **run(shapes, ms, candidates, with_bnb, args.rounds,
                             lambda part: _write(path, {**env, **part, "eager_fallbacks": FALLBACKS}))}
     payload["eager_fallbacks"] = FALLBACKS
     payload["targets"] = TARGETS

@@ -124,7 +124,7 @@ def test_every_candidate_and_table_config_is_correct(m, dtype):
 def test_skinny_mma_matches_reference(n, k, blocksize, nested, dtype):
     """Tensor-core decode for 1-16 rows: both tiles, partial segments (K % 128 = 64 or K < 128),
     partial 16-row groups, split K, one or several warps, with and without bias, register and
-    shared-table decode."""
+    shared-table decode, one or two segments fetched ahead."""
     from peftlab.quant.kernels import NF4Weight, skinny
 
     packed, state, ref = _weight(n, k, blocksize, nested)
@@ -132,10 +132,10 @@ def test_skinny_mma_matches_reference(n, k, blocksize, nested, dtype):
     b = (torch.randn(n, device=DEVICE) * 0.1).to(dtype)
     for m in (1, 2, 7, 8, 9, 16):
         x = _x(m, k, dtype, seed=m)
-        for (config, bias), table in itertools.product(
+        for (config, bias), table, depth in itertools.product(
                 (({"SPLIT": 1, "num_warps": 4}, b), ({"SPLIT": 3, "num_warps": 2}, None),
-                 ({"SPLIT": 1, "num_warps": 1}, None), ({"SPLIT": 2, "num_warps": 8}, b)), (False, True)):
-            config = dict(config, TABLE=table)
+                 ({"SPLIT": 1, "num_warps": 1}, None), ({"SPLIT": 2, "num_warps": 8}, b)), (False, True), (1, 2)):
+            config = dict(config, TABLE=table, DEPTH=depth)
             assert skinny.supports(x, weight)
             out = skinny.matmul(x, weight, bias, config)
             expect = x.float() @ ref.t() + (bias.float() if bias is not None else 0)
@@ -215,6 +215,8 @@ def test_overlapped_chunks_equal_sequential_chunks_eagerly_and_in_a_graph():
                 chunked.matmul_grad_input(grad, weight, cols, overlap=True))
 
     out, dx = both()
+    fill_stream, gemm_stream = chunked._streams_for(x.device)
+    assert gemm_stream.priority < fill_stream.priority  # lower is higher: GEMM blocks go first
     assert torch.equal(out, chunked.matmul(x, weight, b, rows))
     assert torch.equal(dx, chunked.matmul_grad_input(grad, weight, cols))
     assert _rel(out, x.float() @ ref.t() + b.float()) < 1e-2 and _rel(dx, grad.float() @ ref) < 1e-2

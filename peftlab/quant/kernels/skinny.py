@@ -232,7 +232,8 @@ def _store(acc, token, row, M, N, NW: tl.constexpr, out_ptr, bias_ptr, stride_o,
 def _skinny_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, bias_ptr,
                    out_ptr, M, N, K, KB, stride_o, segments_per_split,
                    BS: tl.constexpr, NW: tl.constexpr, TILES: tl.constexpr, SPLIT: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, NESTED: tl.constexpr, F16: tl.constexpr, TABLE: tl.constexpr):
+                   HAS_BIAS: tl.constexpr, NESTED: tl.constexpr, F16: tl.constexpr, TABLE: tl.constexpr,
+                   DEPTH: tl.constexpr):
     # x_ptr and packed_ptr are int64 views (4 activations, 16 codes). A thread's tensors are
     # [NW * 32, 2], row r on lane r % 32 of warp r // 32 (the layout the PTX relies on), a pair per
     # thread: element e of the scales is weight row g + 8e's, of an accumulator activation row 2c + e.
@@ -260,11 +261,20 @@ def _skinny_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, n
     wg, wh, q, outer, x0, x1, x2, x3, y0, y1, y2, y3 = _fetch(
         x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, seg, seg_end, c, row, rows, M, N, K, KB, BS,
         TILES, NESTED)
+    if DEPTH == 2:
+        ahead = _fetch(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, seg + NW, seg_end, c, row, rows, M, N, K,
+                       KB, BS, TILES, NESTED)
     for _ in range(seg0, seg_end, NW):
-        # The next segment's loads go out before this one decodes (two segments in flight per warp).
-        wg_n, wh_n, q_n, outer_n, x0_n, x1_n, x2_n, x3_n, y0_n, y1_n, y2_n, y3_n = _fetch(
-            x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, seg + NW, seg_end, c, row, rows, M, N, K, KB,
-            BS, TILES, NESTED)
+        # The loads of the next DEPTH segments go out before this one decodes (DEPTH + 1 in flight
+        # per warp): from HBM each warp's chain of segments is bound by load latency.
+        if DEPTH == 2:
+            wg_n, wh_n, q_n, outer_n, x0_n, x1_n, x2_n, x3_n, y0_n, y1_n, y2_n, y3_n = ahead
+            ahead = _fetch(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, seg + 2 * NW, seg_end, c, row, rows,
+                           M, N, K, KB, BS, TILES, NESTED)
+        else:
+            wg_n, wh_n, q_n, outer_n, x0_n, x1_n, x2_n, x3_n, y0_n, y1_n, y2_n, y3_n = _fetch(
+                x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, seg + NW, seg_end, c, row, rows, M, N, K, KB,
+                BS, TILES, NESTED)
         k0 = seg * 128 + 32 * c
         scale = decode_scales(nested_code_ptr, offset, q, outer, (seg < seg_end) & (k0 < K) & (rows < N), NESTED)
         if TILES == 1:
@@ -310,7 +320,8 @@ def matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, config
 
     ``config``: ``num_warps`` (warps of a program, each taking every ``num_warps``-th segment of
     the program's K range; at most 8), ``SPLIT`` (programs along K, their fp32 partials added
-    after) and ``TABLE`` (decode through the shared pair table rather than in registers).
+    after), ``TABLE`` (decode through the shared pair table rather than in registers) and ``DEPTH``
+    (segments each warp fetches ahead: 1 or 2).
     """
     m, k = x.shape
     if x.stride(0) != k or x.stride(1) != 1 or x.data_ptr() % 8:
@@ -325,5 +336,5 @@ def matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, config
         bias if bias is not None else x, target, m, weight.n, k, weight.k_blocks, out.stride(0), per_split,
         BS=weight.blocksize, NW=config["num_warps"], TILES=1 if m <= 8 else 2, SPLIT=split,
         HAS_BIAS=bias is not None and split == 1, NESTED=weight.nested, F16=x.dtype == torch.float16,
-        TABLE=config.get("TABLE", False), num_warps=config["num_warps"])
+        TABLE=config.get("TABLE", False), DEPTH=config.get("DEPTH", 1), num_warps=config["num_warps"])
     return out if split == 1 else finish_split_k(target, bias, out, split)

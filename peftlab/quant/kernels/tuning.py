@@ -2,22 +2,20 @@
 
 ``FORWARD`` and ``BACKWARD`` hold, for each weight shape ``(N, K)`` and number of activation
 rows ``M`` that ``python benchmarks/kernels.py --sweep`` measured on an H100 (bf16, blocksize
-64, double quantization; see the ``best_forward``/``best_backward`` entries of
-``benchmarks/results/kernels-h100.json``; the M=1 rows come from a later sweep of the one-row
-GEMV with next-row prefetch, ``kernels-gemv-prefetch-h100.json``; the ``overlap`` entries from
-alternating-round timings at M=4096, ``kernels-overlap-h100.json``; the ``mma`` entries and the M=1
-rows' comparisons with it from ``kernels-mma-h100.json``), the fastest kernel and config. Other
-shapes use the nearest measured shape (in log N, log K) and other M the nearest measured M that
-the entry's kernel can take (in log M, ties going to the larger M). The ``mma`` entries with
-``table=True`` (shared-memory pair decode, M <= 8) come from alternating rounds against the
-entries they replaced, ``kernels-mma-table-alternating-h100.json``. Kinds: ``gemv1`` (persistent
-one-row GEMV), ``gemv`` (CUDA-core GEMV), ``mma`` (``skinny``: up to 16 rows, the weight decoded
-in registers, or with ``TABLE`` through a shared pair table, for tensor-core ``mma.sync``), ``fused`` (dequantize tiles into ``tl.dot``),
-``chunked`` (dequantize into a scratch buffer +
-cuBLAS; the value is the chunk size in elements, ``None`` for the whole weight at once), ``overlap``
-(chunks as ``chunked``, the next one dequantized on a side stream during the current GEMM). The
-comments give the measured time (for ``mma`` and the M=1 rows: against the kernel it replaced or
-beat, in the same run).
+64, double quantization), the fastest kernel and config. Other shapes use the nearest measured
+shape (in log N, log K) and other M the nearest measured M that the entry's kernel can take (in
+log M, ties going to the larger M). Sources: the full sweep ``benchmarks/results/kernels-sweep-h100.json``
+(its candidates) for most rows; ``kernels-mma-depth-h100.json`` for the ``mma`` rows of 1-4 rows (candidates in
+alternating rounds, every call reading its weight from HBM; earlier alternating files timed one
+weight that stayed in L2 and are superseded); ``kernels-mma-h100.json`` for the other ``mma``
+rows; ``kernels-overlap-h100.json`` and ``kernels-overlap-priority-h100.json`` for the ``overlap``
+entries at M=4096. Kinds: ``gemv1`` (persistent one-row GEMV), ``gemv`` (CUDA-core GEMV), ``mma``
+(``skinny``: up to 16 rows, the weight decoded in registers, or with ``TABLE`` through a shared
+pair table, for tensor-core ``mma.sync``; ``DEPTH`` segments fetched ahead), ``fused``
+(dequantize tiles into ``tl.dot``), ``chunked`` (dequantize into a scratch buffer + cuBLAS; the
+value is the chunk size in elements, ``None`` for the whole weight at once), ``overlap`` (chunks
+as ``chunked``, the next one dequantized on a side stream during the current GEMM). The comments
+give the measured time, for some rows against the config it replaced in the same run.
 """
 from __future__ import annotations
 
@@ -27,17 +25,17 @@ import math
 import torch
 
 
-def _mma(warps: int, split: int, table: bool = False) -> dict:
-    return {"SPLIT": split, "num_warps": warps, "TABLE": table}
+def _mma(warps: int, split: int, table: bool = False, depth: int = 1) -> dict:
+    return {"SPLIT": split, "num_warps": warps, "TABLE": table, "DEPTH": depth}
 
 
 DEQUANT_CONFIG = {"elems_per_program": 2048, "num_warps": 4, "flat_block": 1024}
 
 FORWARD = {
     (4096, 4096): {
-        1: ('mma', _mma(4, 1, table=True)),  # 6.5 us vs 8.5 gemv1 (kernels-mma-table-alternating)
-        2: ('mma', _mma(4, 1, table=True)),  # 6.8 us vs 7.7 (kernels-mma-table-alternating)
-        4: ('mma', _mma(4, 1, table=True)),  # 7.4 us vs 7.9 (kernels-mma-table-alternating)
+        1: ('mma', _mma(4, 1, depth=2)),  # 9.1 us, HBM-resident weights (kernels-mma-depth)
+        2: ('mma', _mma(4, 1, depth=2)),  # as M=1 and M=4
+        4: ('mma', _mma(4, 1, depth=2)),  # 9.3 us (kernels-mma-depth)
         8: ('mma', _mma(4, 1)),  # 10.0 us vs 13.9 fused
         12: ('mma', _mma(4, 1)),  # 11.6 us vs 14.0 fused
         16: ('mma', _mma(4, 1)),  # 12.0 us vs 14.2 fused
@@ -47,21 +45,21 @@ FORWARD = {
         4096: ('overlap', 8388608),  # 213.8 us vs 217.9 whole (alternating rounds)
     },
     (4096, 11008): {
-        1: ('mma', _mma(8, 1, table=True)),  # 12.4 us vs 16.4 (kernels-mma-table-alternating)
-        2: ('mma', _mma(8, 1, table=True)),  # 12.8 us vs 17.6 (kernels-mma-table-alternating)
-        4: ('mma', _mma(8, 1, table=True)),  # 13.9 us vs 17.6 (kernels-mma-table-alternating)
+        1: ('mma', _mma(8, 1, table=True, depth=2)),  # 15.7 us vs 17.8 fetching one ahead (kernels-mma-depth)
+        2: ('mma', _mma(8, 1, table=True, depth=2)),  # as M=1 and M=4
+        4: ('mma', _mma(8, 1, table=True, depth=2)),  # 16.4 us vs 18.9 (kernels-mma-depth)
         8: ('mma', _mma(4, 1, table=True)),  # 16.6 us vs 17.8 (kernels-mma-table-alternating)
         12: ('mma', _mma(8, 1)),  # 21.9 us vs 30.1 fused
         16: ('mma', _mma(8, 1)),  # 22.7 us vs 30.9 fused
         64: ('fused', {'BM': 64, 'BN': 128, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 44.6 us
         256: ('chunked', None),  # 93.0 us
         1024: ('chunked', None),  # 159.5 us
-        4096: ('chunked', None),  # 554.6 us
+        4096: ('overlap', 12582912),  # 1024-row chunks; measured below
     },
     (11008, 4096): {
-        1: ('mma', _mma(2, 1, table=True)),  # 12.6 us vs 17.8 gemv1 (kernels-mma-table-alternating)
-        2: ('mma', _mma(2, 1, table=True)),  # 13.4 us vs 17.0 (kernels-mma-table-alternating)
-        4: ('mma', _mma(2, 1, table=True)),  # 14.5 us vs 17.2 (kernels-mma-table-alternating)
+        1: ('mma', _mma(2, 1, table=True, depth=2)),  # 15.8 us vs 17.0 fetching one ahead (kernels-mma-depth)
+        2: ('mma', _mma(2, 1, table=True, depth=2)),  # as M=1 and M=4
+        4: ('mma', _mma(2, 1, table=True, depth=2)),  # 16.7 us vs 17.7 (kernels-mma-depth)
         8: ('mma', _mma(4, 1)),  # 19.3 us vs 31.5 fused
         12: ('mma', _mma(2, 1)),  # 22.6 us vs 31.5 fused
         16: ('mma', _mma(2, 1)),  # 24.8 us vs 31.1 fused
@@ -71,9 +69,9 @@ FORWARD = {
         4096: ('overlap', 8388608),  # 538.2 us vs 617.8 whole, 574.0 in 32M chunks (alternating rounds)
     },
     (14336, 4096): {
-        1: ('mma', _mma(4, 1, table=True)),  # 17.2 us vs 22.3 gemv1 (kernels-mma-table-alternating)
-        2: ('mma', _mma(4, 1, table=True)),  # 17.7 us vs 20.8 (kernels-mma-table-alternating)
-        4: ('mma', _mma(4, 1, table=True)),  # 19.2 us vs 21.9 (kernels-mma-table-alternating)
+        1: ('mma', _mma(4, 1, table=True)),  # 20.7 us vs 22.0 fetching two ahead (kernels-mma-depth)
+        2: ('mma', _mma(4, 1, table=True)),  # as M=1 and M=4
+        4: ('mma', _mma(4, 1, table=True)),  # 22.0 us (kernels-mma-depth)
         8: ('mma', _mma(4, 1, table=True)),  # 22.4 us vs 23.1 (kernels-mma-table-alternating)
         12: ('mma', _mma(4, 1)),  # 26.8 us vs 36.8 fused
         16: ('mma', _mma(2, 1)),  # 28.3 us vs 37.1 fused
@@ -288,7 +286,7 @@ def sweep_candidates() -> dict:
                         _fused(16, 128, 64, 4, 3, 4, w_is_a=True), _fused(16, 128, 128, 8, 3, 4, w_is_a=True),
                         _fused(16, 32, 256, 2, 3, 8, w_is_a=True), _fused(16, 64, 256, 8, 3, 4, w_is_a=True),
                         _fused(16, 64, 128, 4, 1, 4, w_is_a=True), _fused(16, 128, 128, 4, 3, 2, w_is_a=True)],
-        "mma": [_mma(w, s, t) for t in (False, True) for w in (2, 4, 8) for s in (1, 2, 4)],
+        "mma": [_mma(w, s, t, d) for d in (1, 2) for t in (False, True) for w in (2, 4, 8) for s in (1, 2, 4)],
         "fused": [_fused(64, 128, 128, 4, 3, 2), _fused(64, 64, 128, 4, 3, 2), _fused(64, 128, 128, 4, 3, 4),
                   _fused(64, 64, 128, 4, 3)],
         "chunked": [{"chunk_elems": None}, {"chunk_elems": 32 << 20}],
