@@ -50,7 +50,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 # ----------------------------------------------------------------------------- timing
-def _replayer(calls: list, target_ms: float = 4.0) -> tuple:
+def graph_replayer(calls: list, target_ms: float = 4.0) -> tuple:
     """``(run_once, reps)``: a CUDA graph of ``reps`` calls of ``calls`` (round-robin), replayed by
     ``run_once``; where capture fails, the same calls launched eagerly."""
     for call in calls:  # compile, autotune caches, allocator warm-up
@@ -105,7 +105,7 @@ def _replay_ms(run_once, reps: int, replays: int) -> float:
 
 def time_calls(calls: list, target_ms: float = 4.0, replays: int = 7) -> float:
     """Median ms per call of ``calls`` (run round-robin) from CUDA-graph replays."""
-    return _replay_ms(*_replayer(calls, target_ms), replays)
+    return _replay_ms(*graph_replayer(calls, target_ms), replays)
 
 
 def time_rounds(variants: dict[str, list], rounds: int, replays: int = 3) -> dict[str, list[float]]:
@@ -113,7 +113,7 @@ def time_rounds(variants: dict[str, list], rounds: int, replays: int = 3) -> dic
     once, in reversed order every other round. Clocks drift with the GPU's power and temperature
     (bf16 cuBLAS at M=4096 moved by up to 20 % within one run), so variants are only compared within a
     round or by their medians over the same rounds, never across separate stretches of a run."""
-    prepared = {name: _replayer(calls) for name, calls in variants.items()}
+    prepared = {name: graph_replayer(calls) for name, calls in variants.items()}
     names = list(prepared)
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
@@ -319,7 +319,7 @@ def summarize(rows: list[dict]) -> list[dict]:
                 "bwd_cublas_ms": r["bwd_cublas_ms"], "bwd_bnb_ms": r.get("bwd_bnb_ms"),
                 "bwd_peftlab_ms": bwd["ms"] if bwd else r["bwd_peftlab_ms"], "bwd_peftlab_kind": bwd["kind"] if bwd else None}
         line["x_vs_cublas"] = line["cublas_ms"] / line["peftlab_ms"]
-        ours = (fwd or {}).get("rounds_ms") if fwd else r.get("peftlab_rounds_ms")
+        ours = fwd.get("rounds_ms") if fwd else r.get("peftlab_rounds_ms")
         if ours and r.get("cublas_rounds_ms"):  # each round's ratio: the spread behind the median
             paired = [c / p for c, p in zip(r["cublas_rounds_ms"], ours)]
             line["x_vs_cublas_rounds"] = [min(paired), max(paired)]

@@ -23,22 +23,20 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import device_name, device_tag, versions, write_result  # noqa: E402
+from benchmarks.kernels import SHAPES, graph_replayer  # noqa: E402
 from peftlab.quant.kernels import nf4_matmul, tuning  # noqa: E402
 from peftlab.quant.nf4 import quantize_nf4  # noqa: E402
 
-SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]
-
-
-def kernel_spans(graph: torch.cuda.CUDAGraph) -> list[dict]:
-    """``{"name", "start", "end"}`` (µs from the first kernel) of every kernel of one replay."""
+def kernel_spans(replay) -> list[dict]:
+    """``{"name", "start", "end"}`` (µs from the first kernel) of every kernel of one ``replay()``."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        graph.replay()
+        replay()
         torch.cuda.synchronize()
     with tempfile.NamedTemporaryFile(suffix=".json") as trace:
         prof.export_chrome_trace(trace.name)
-        events = [e for e in json.load(open(trace.name))["traceEvents"] if e.get("cat") == "kernel"]
+        events = [e for e in json.loads(Path(trace.name).read_text())["traceEvents"] if e.get("cat") == "kernel"]
     t0 = min(e["ts"] for e in events)
     return sorted(({"name": e["name"], "start": e["ts"] - t0, "end": e["ts"] + e["dur"] - t0} for e in events),
                   key=lambda s: s["start"])
@@ -62,20 +60,6 @@ def breakdown(spans: list[dict]) -> dict:
             "kernels": len(spans)}
 
 
-def capture(fn) -> torch.cuda.CUDAGraph:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    return graph
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--m", type=int, default=4096)
@@ -91,8 +75,9 @@ def main() -> None:
         w = (torch.randn(n, k, device=device, generator=gen) * 0.02).to(torch.bfloat16)
         x = torch.randn(args.m, k, device=device, generator=gen).to(torch.bfloat16)
         packed, state = quantize_nf4(w, blocksize=64, double_quant=True)
-        ours = capture(lambda: nf4_matmul(x, packed, state))
-        theirs = capture(lambda: torch.nn.functional.linear(x, w))
+        # target_ms=0: a graph of exactly one call
+        ours, _ = graph_replayer([lambda: nf4_matmul(x, packed, state)], target_ms=0)
+        theirs, _ = graph_replayer([lambda: torch.nn.functional.linear(x, w)], target_ms=0)
         replays = [(kernel_spans(ours), kernel_spans(theirs)) for _ in range(args.replays)]
         parts = [breakdown(a) for a, _ in replays]
         cublas = [max(s["end"] for s in b) for _, b in replays]

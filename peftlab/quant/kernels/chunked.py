@@ -3,8 +3,9 @@
 With chunks, scratch buffers of ``chunk_elems`` elements are reused for every chunk, so no
 dequantized copy of the whole weight is alive. ``overlap`` dequantizes the next chunk on a side
 stream into a second buffer while cuBLAS multiplies the current one on a high-priority stream:
-the memory-bound dequantize then fills the SMs a GEMM leaves idle instead of adding to its time. Nothing is kept between calls.
-Whether chunks (and which kind) pay is measured per shape (see ``tuning``).
+the memory-bound dequantize then fills the SMs a GEMM leaves idle instead of adding to its time.
+Nothing is kept between calls. Whether chunks (and which kind) pay is measured per shape (see
+``tuning``).
 """
 from __future__ import annotations
 
