@@ -124,7 +124,8 @@ def test_every_candidate_and_table_config_is_correct(m, dtype):
 def test_skinny_mma_matches_reference(n, k, blocksize, nested, dtype):
     """Tensor-core decode for 1-16 rows: both tiles, partial segments (K % 128 = 64 or K < 128),
     partial 16-row groups, split K, one or several warps, with and without bias, register and
-    shared-table decode, one or two segments fetched ahead."""
+    shared-table decode, one to three segments fetched ahead, activations loaded ahead or at use,
+    block scales decoded per segment or once into shared memory."""
     from peftlab.quant.kernels import NF4Weight, skinny
 
     packed, state, ref = _weight(n, k, blocksize, nested)
@@ -132,10 +133,14 @@ def test_skinny_mma_matches_reference(n, k, blocksize, nested, dtype):
     b = (torch.randn(n, device=DEVICE) * 0.1).to(dtype)
     for m in (1, 2, 7, 8, 9, 16):
         x = _x(m, k, dtype, seed=m)
-        for (config, bias), table, depth in itertools.product(
-                (({"SPLIT": 1, "num_warps": 4}, b), ({"SPLIT": 3, "num_warps": 2}, None),
-                 ({"SPLIT": 1, "num_warps": 1}, None), ({"SPLIT": 2, "num_warps": 8}, b)), (False, True), (1, 2)):
-            config = dict(config, TABLE=table, DEPTH=depth)
+        launches = (({"SPLIT": 1, "num_warps": 4}, b), ({"SPLIT": 3, "num_warps": 2}, None),
+                    ({"SPLIT": 1, "num_warps": 1}, None), ({"SPLIT": 2, "num_warps": 8}, b))
+        variants = itertools.product((False, True), ((1, True), (2, False), (3, True)), (False, True))
+        # every variant once (each is its own compiled kernel), the launches taking turns so that
+        # each meets variants with and without shared scales
+        for i, (table, (depth, ahead), shared) in enumerate(variants):
+            config, bias = launches[(i + i // 4) % len(launches)]
+            config = dict(config, TABLE=table, DEPTH=depth, X_AHEAD=ahead, SHARED_SCALES=shared)
             assert skinny.supports(x, weight)
             out = skinny.matmul(x, weight, bias, config)
             expect = x.float() @ ref.t() + (bias.float() if bias is not None else 0)

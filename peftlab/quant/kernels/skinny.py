@@ -16,6 +16,11 @@ table of the 256 possible packed bytes' pairs, 32 copies of it with copy ``l`` o
 lane's lookups never conflict (32 KB). A packed byte then costs one ``prmt`` (extract), one
 ``mad`` (address) and one ``ld.shared``, which leaves the integer pipe a third of the work of the
 register decode; the table is faster at 1-4 rows, the register decode where B tiles are full.
+With ``SHARED_SCALES`` each program first decodes its rows' block scales (double quantization
+included) into a shared table of bf16x2/f16x2 pairs, so a segment reads them with one
+``ld.shared``: about 40 fewer instructions per segment, which pays where decode leaves issue
+slots to spare (16 rows), not with the pair table at 1 row (the extra shared memory costs a
+program per SM).
 
 Against the CUDA-core GEMVs there are no codebook gathers through L1 and no per-element FMA
 (about five instructions per weight in the compiled loop, two of them ``prmt``), and the
@@ -86,13 +91,16 @@ def _format(ops: list[tuple], names: dict) -> str:
     return " ".join(f"{op[0]} {', '.join(names.get(a, a) for a in op[1:])};" for op in ops)
 
 
-def _segment_asm(kind: str, tiles: int, table: bool) -> str:
+@functools.cache  # built on every call's launch
+def segment_asm(kind: str, tiles: int, table: bool, shared_scales: bool) -> str:
     """PTX for one 128-column segment: decode rows g and g + 8, scale, 8 k-steps of mma per tile.
 
     Operands (``pack=2``): outputs are ``tiles`` x (row g, row g + 8) fp32 accumulator pairs;
     inputs the packed words of row g and of row g + 8 (2 x int64 each), the activations (per tile
     8 x int64, k-step j in operand j), the byte planes (8 x b32; with ``table``, the lane's table
-    address in the first, the rest unused), the two rows' block scales and the accumulators again.
+    address in the first, the rest unused), the two rows' block scales (fp32; with
+    ``shared_scales``, the address of their pair in ``_fill_scales``' table, in both operands) and
+    the accumulators again.
     """
     words, acts = 4 * tiles, 4 * tiles + 4
     decode = acts + 8 * tiles
@@ -103,6 +111,7 @@ def _segment_asm(kind: str, tiles: int, table: bool) -> str:
              ".reg .f32 " + ", ".join(f"d{i}" for i in range(4 * tiles)) + ";",
              f"mov.b64 {{wg0, wg1}}, ${words}; mov.b64 {{wg2, wg3}}, ${words + 1};",
              f"mov.b64 {{wh0, wh1}}, ${words + 2}; mov.b64 {{wh2, wh3}}, ${words + 3}; mov.b32 nz, 0x80008000;",
+             f"ld.shared.v2.b32 {{sg, sh}}, [${scale}];" if shared_scales else
              f"cvt.rn.{kind}x2.f32 sg, ${scale}, ${scale}; cvt.rn.{kind}x2.f32 sh, ${scale + 1}, ${scale + 1};",
              " ".join(f"mov.f32 d{i}, ${acc + i};" for i in range(4 * tiles))]
     for w in range(4):
@@ -131,20 +140,13 @@ def _segment_asm(kind: str, tiles: int, table: bool) -> str:
     return "\n".join(lines)
 
 
-def _constraints(tiles: int) -> str:
-    return ",".join(["=f"] * (4 * tiles) + ["l"] * (4 + 8 * tiles) + ["r"] * 8 + ["f"] * (2 + 4 * tiles))
+@functools.cache
+def segment_constraints(tiles: int, shared_scales: bool) -> str:
+    """The operand constraints of ``segment_asm``."""
+    scales = ["r"] * 2 if shared_scales else ["f"] * 2
+    return ",".join(["=f"] * (4 * tiles) + ["l"] * (4 + 8 * tiles) + ["r"] * 8 + scales + ["f"] * (4 * tiles))
 
 
-_BF16_1 = tl.constexpr(_segment_asm("bf16", 1, False))
-_BF16_2 = tl.constexpr(_segment_asm("bf16", 2, False))
-_F16_1 = tl.constexpr(_segment_asm("f16", 1, False))
-_F16_2 = tl.constexpr(_segment_asm("f16", 2, False))
-_CONSTRAINTS_1 = tl.constexpr(_constraints(1))
-_CONSTRAINTS_2 = tl.constexpr(_constraints(2))
-_TABLE_BF16_1 = tl.constexpr(_segment_asm("bf16", 1, True))
-_TABLE_BF16_2 = tl.constexpr(_segment_asm("bf16", 2, True))
-_TABLE_F16_1 = tl.constexpr(_segment_asm("f16", 1, True))
-_TABLE_F16_2 = tl.constexpr(_segment_asm("f16", 2, True))
 # The table is a static shared array of the kernel; declared once (one element per thread), its
 # address serves the fill and every lookup.
 _DECLARE = tl.constexpr("{ .shared .align 16 .b8 nf4_pair_table[32768]; mov.u32 $0, nf4_pair_table; }")
@@ -180,6 +182,49 @@ def _fill_table(code_ptr, NW: tl.constexpr, DT: tl.constexpr):
     return tl.max(table, axis=0)
 
 
+_STORE_SHARED = tl.constexpr("{ .reg .pred p; setp.ne.b32 p, $3, 0; @p st.shared.b32 [$1], $2; mov.b32 $0, 0; }")
+
+
+def scale_blocks(segments: int, blocksize: int) -> int:
+    """Quantization blocks a program's ``segments`` (whole 128-column segments) touch at most; a
+    block longer than a segment may straddle the range's start."""
+    return -(-segments * SEGMENT // blocksize) + (blocksize > SEGMENT)
+
+
+@functools.cache
+def scale_table_decl(blocks: int) -> str:
+    """PTX declaring ``_fill_scales``' table for ``blocks`` blocks (64 bytes each; the size is fixed
+    per compiled kernel) and returning its address."""
+    return f"{{ .shared .align 16 .b8 nf4_scale_table[{64 * blocks}]; mov.u32 $0, nf4_scale_table; }}"
+
+
+@triton.jit
+def _fill_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, seg0, seg_end, N, KB, BS: tl.constexpr,
+                 NESTED: tl.constexpr, DT: tl.constexpr, NW: tl.constexpr, BLOCKS: tl.constexpr,
+                 DECLARE: tl.constexpr):
+    """Decodes the block scales of the program's 16 rows and segments once, into shared memory as
+    DT pairs (the value twice, the ``fma`` operand): block b's entry for lane row g is 8 bytes at
+    ``(b * 8 + g) * 8``, row g's pair then row g + 8's, so a warp's 32 lanes read one 128-byte line
+    per segment. Blocks past K or N hold 0. All loads go out at once (``BLOCKS``: a power of two
+    covering the blocks); returns the table's address."""
+    r = tl.arange(0, 16)[:, None]
+    b = tl.arange(0, BLOCKS)[None, :]
+    # declared once per thread (a [16, BLOCKS] operand would repeat the declaration per element)
+    t = tl.arange(0, NW * 32)
+    table = tl.max(tl.inline_asm_elementwise(DECLARE, "=r,r", [t], dtype=tl.int32, is_pure=True, pack=1), axis=0)
+    blk0 = seg0 * 128 // BS
+    used = b < (seg_end * 128 + BS - 1) // BS - blk0
+    row = tl.program_id(0) * 16 + r
+    ok = used & (row < N) & (blk0 + b < KB)
+    q, outer = scale_bytes(absmax_ptr, nested_absmax_ptr, row.to(tl.int64) * KB + blk0 + b, ok, NESTED)
+    bits = decode_scales(nested_code_ptr, offset, q, outer, ok, NESTED).to(DT).to(tl.int16, bitcast=True)
+    bits = bits.to(tl.int32) & 0xFFFF
+    tl.inline_asm_elementwise(_STORE_SHARED, "=r,r,r,r", [table + (b * 8 + r % 8) * 8 + (r // 8) * 4, bits | (bits << 16),
+                              used.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+    tl.debug_barrier()
+    return table
+
+
 @triton.jit
 def _activations(x_ptr, first, ok):
     """A tile's B fragments for one segment: int64 ``first + 2p + e`` (4 activations) is k-step 2p + e."""
@@ -189,9 +234,11 @@ def _activations(x_ptr, first, ok):
 
 
 @triton.jit
-def _fetch(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, seg, seg_end, c, row, rows, M, N, K, KB, BS: tl.constexpr, TILES: tl.constexpr, NESTED: tl.constexpr):
-    """One segment's loads: the packed words of rows g and g + 8 (16 bytes each), their block-scale
-    bytes and the activations of each tile. Anything past the segment range, K or N reads as 0."""
+def _fetch_weights(packed_ptr, absmax_ptr, nested_absmax_ptr, seg, seg_end, c, row, N, K, KB, BS: tl.constexpr,
+                   NESTED: tl.constexpr, SHARED_SCALES: tl.constexpr):
+    """One segment's weight loads: the packed words of rows g and g + 8 (16 bytes each) and, unless
+    the scales come from shared memory, their block-scale bytes. Anything past the segment range,
+    K or N reads as 0."""
     # Offsets are written so that the compiler can prove 16-byte alignment (rows of KB * BS codes,
     # BS >= 32): every pair then is one vector load held by one thread, the layout the PTX needs.
     e = tl.arange(0, 2)[None, :]
@@ -201,7 +248,20 @@ def _fetch(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, seg, seg_end, c, ro
     word = row.to(tl.int64) * row_words + (seg * 8 + 2 * c) + e
     wg = tl.load(packed_ptr + word, mask=ok & (row < N), other=0)
     wh = tl.load(packed_ptr + word + 8 * row_words, mask=ok & (row + 8 < N), other=0)
-    q, outer = scale_bytes(absmax_ptr, nested_absmax_ptr, rows * KB + k0 // BS, ok & (rows < N), NESTED)
+    if SHARED_SCALES:
+        loads = (wg, wh)
+    else:
+        rows = row + 8 * e
+        q, outer = scale_bytes(absmax_ptr, nested_absmax_ptr, rows * KB + k0 // BS, ok & (rows < N), NESTED)
+        loads = (wg, wh, q, outer)
+    return loads
+
+
+@triton.jit
+def _fetch_activations(x_ptr, seg, seg_end, c, row, M, K, KB, BS: tl.constexpr, TILES: tl.constexpr):
+    """One segment's B fragments, per tile four int64 pairs (see ``_activations``)."""
+    k0 = seg * 128 + 32 * c
+    ok = (seg < seg_end) & (k0 < K)
     token = (row % 8).to(tl.int64)  # B column n = g: activation row g (tile 0), g + 8 (tile 1)
     x_row = KB * (BS // 4)  # int64 per activation row (dense rows)
     x = token * x_row + (seg * 32 + 8 * c)
@@ -210,7 +270,7 @@ def _fetch(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, seg, seg_end, c, ro
         y0, y1, y2, y3 = _activations(x_ptr, x + 8 * x_row, ok & (token + 8 < M))
     else:
         y0, y1, y2, y3 = x0, x1, x2, x3
-    return wg, wh, q, outer, x0, x1, x2, x3, y0, y1, y2, y3
+    return x0, x1, x2, x3, y0, y1, y2, y3
 
 
 @triton.jit
@@ -233,7 +293,8 @@ def _skinny_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, n
                    out_ptr, M, N, K, KB, stride_o, segments_per_split,
                    BS: tl.constexpr, NW: tl.constexpr, TILES: tl.constexpr, SPLIT: tl.constexpr,
                    HAS_BIAS: tl.constexpr, NESTED: tl.constexpr, F16: tl.constexpr, TABLE: tl.constexpr,
-                   DEPTH: tl.constexpr):
+                   DEPTH: tl.constexpr, X_AHEAD: tl.constexpr, SHARED_SCALES: tl.constexpr, SCALE_BLOCKS: tl.constexpr,
+                   SCALE_DECL: tl.constexpr, SEGMENT_ASM: tl.constexpr, CONSTRAINTS: tl.constexpr):
     # x_ptr and packed_ptr are int64 views (4 activations, 16 codes). A thread's tensors are
     # [NW * 32, 2], row r on lane r % 32 of warp r // 32 (the layout the PTX relies on), a pair per
     # thread: element e of the scales is weight row g + 8e's, of an accumulator activation row 2c + e.
@@ -241,9 +302,26 @@ def _skinny_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, n
     warp = r // 32
     c = r % 4
     row = tl.program_id(0) * 16 + (r % 32) // 4
-    rows = row + 8 * tl.arange(0, 2)[None, :]
     DT: tl.constexpr = tl.float16 if F16 else tl.bfloat16
     zero = tl.zeros((NW * 32, 2), tl.int32)
+    seg0 = tl.program_id(1) * segments_per_split
+    seg_end = tl.minimum(seg0 + segments_per_split, (K + 127) // 128)
+    # The first segments' loads go out before the table fills, which then run under their latency.
+    # ``queue`` holds the weight loads of the next DEPTH segments (2 tensors each); activations,
+    # read by every warp and so mostly L1 hits, are loaded X_AHEAD (0 or 1) segments ahead.
+    seg = seg0 + warp
+    queue = _fetch_weights(packed_ptr, absmax_ptr, nested_absmax_ptr, seg, seg_end, c, row, N, K, KB, BS, NESTED,
+                           SHARED_SCALES)
+    for j in tl.static_range(1, DEPTH):
+        queue = queue + _fetch_weights(packed_ptr, absmax_ptr, nested_absmax_ptr, seg + j * NW, seg_end, c, row, N, K,
+                                       KB, BS, NESTED, SHARED_SCALES)
+    if X_AHEAD:
+        acts = _fetch_activations(x_ptr, seg, seg_end, c, row, M, K, KB, BS, TILES)
+    WORDS: tl.constexpr = 2 if SHARED_SCALES else 4  # tensors per queued segment
+    if SHARED_SCALES:
+        scales = _fill_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, seg0, seg_end, N, KB, BS, NESTED,
+                              DT, NW, SCALE_BLOCKS, SCALE_DECL)
+        blk0 = seg0 * 128 // BS
     if TABLE:  # the segment PTX reads the lane's table address from the first decode operand
         lane_entry = zero + (_fill_table(code_ptr, NW, DT) + (r % 32) * 4)  # copy l of an entry is on bank l
         low01, low23, high01, high23 = lane_entry, lane_entry, lane_entry, lane_entry
@@ -255,41 +333,32 @@ def _skinny_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, n
     acc_h0 = tl.zeros((NW * 32, 2), tl.float32)  # weight row g + 8
     acc_g1 = tl.zeros((NW * 32, 2), tl.float32)  # the same for activation rows 8-15 (tile 1)
     acc_h1 = tl.zeros((NW * 32, 2), tl.float32)
-    seg0 = tl.program_id(1) * segments_per_split
-    seg_end = tl.minimum(seg0 + segments_per_split, (K + 127) // 128)
-    seg = seg0 + warp
-    wg, wh, q, outer, x0, x1, x2, x3, y0, y1, y2, y3 = _fetch(
-        x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, seg, seg_end, c, row, rows, M, N, K, KB, BS,
-        TILES, NESTED)
-    if DEPTH == 2:
-        ahead = _fetch(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, seg + NW, seg_end, c, row, rows, M, N, K,
-                       KB, BS, TILES, NESTED)
     for _ in range(seg0, seg_end, NW):
-        # The loads of the next DEPTH segments go out before this one decodes (DEPTH + 1 in flight
-        # per warp): from HBM each warp's chain of segments is bound by load latency.
-        if DEPTH == 2:
-            wg_n, wh_n, q_n, outer_n, x0_n, x1_n, x2_n, x3_n, y0_n, y1_n, y2_n, y3_n = ahead
-            ahead = _fetch(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, seg + 2 * NW, seg_end, c, row, rows,
-                           M, N, K, KB, BS, TILES, NESTED)
+        wg, wh = queue[0], queue[1]
+        if SHARED_SCALES:  # the lane's block in the table (block 0's entry past the range: x is 0 there)
+            block = tl.where(seg < seg_end, (seg * 128 + 32 * c) // BS - blk0, 0)
+            scale = zero + (scales + (block * 8 + (r % 32) // 4) * 8)
         else:
-            wg_n, wh_n, q_n, outer_n, x0_n, x1_n, x2_n, x3_n, y0_n, y1_n, y2_n, y3_n = _fetch(
-                x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, seg + NW, seg_end, c, row, rows, M, N, K, KB,
-                BS, TILES, NESTED)
-        k0 = seg * 128 + 32 * c
-        scale = decode_scales(nested_code_ptr, offset, q, outer, (seg < seg_end) & (k0 < K) & (rows < N), NESTED)
+            k0 = seg * 128 + 32 * c
+            rows = row + 8 * tl.arange(0, 2)[None, :]
+            scale = decode_scales(nested_code_ptr, offset, queue[2], queue[3], (seg < seg_end) & (k0 < K) & (rows < N),
+                                  NESTED)
+        # From HBM each warp's chain of segments is bound by load latency: DEPTH stay in flight.
+        queue = queue[WORDS:] + _fetch_weights(packed_ptr, absmax_ptr, nested_absmax_ptr, seg + DEPTH * NW, seg_end, c,
+                                               row, N, K, KB, BS, NESTED, SHARED_SCALES)
+        if X_AHEAD:
+            x0, x1, x2, x3, y0, y1, y2, y3 = acts
+            acts = _fetch_activations(x_ptr, seg + NW, seg_end, c, row, M, K, KB, BS, TILES)
+        else:
+            x0, x1, x2, x3, y0, y1, y2, y3 = _fetch_activations(x_ptr, seg, seg_end, c, row, M, K, KB, BS, TILES)
         if TILES == 1:
-            args = [wg, wh, x0, x1, x2, x3, low01, low23, high01, high23, scale, acc_g0, acc_h0]
             acc_g0, acc_h0 = tl.inline_asm_elementwise(
-                (_TABLE_F16_1 if F16 else _TABLE_BF16_1) if TABLE else (_F16_1 if F16 else _BF16_1), _CONSTRAINTS_1,
-                args, dtype=(tl.float32,) * 2, is_pure=True, pack=2)
+                SEGMENT_ASM, CONSTRAINTS, [wg, wh, x0, x1, x2, x3, low01, low23, high01, high23, scale, acc_g0, acc_h0],
+                dtype=(tl.float32,) * 2, is_pure=True, pack=2)
         else:
-            args = [wg, wh, x0, x1, x2, x3, y0, y1, y2, y3, low01, low23, high01, high23, scale,
-                    acc_g0, acc_h0, acc_g1, acc_h1]
             acc_g0, acc_h0, acc_g1, acc_h1 = tl.inline_asm_elementwise(
-                (_TABLE_F16_2 if F16 else _TABLE_BF16_2) if TABLE else (_F16_2 if F16 else _BF16_2), _CONSTRAINTS_2,
-                args, dtype=(tl.float32,) * 4, is_pure=True, pack=2)
-        wg, wh, q, outer, x0, x1, x2, x3, y0, y1, y2, y3 = (
-            wg_n, wh_n, q_n, outer_n, x0_n, x1_n, x2_n, x3_n, y0_n, y1_n, y2_n, y3_n)
+                SEGMENT_ASM, CONSTRAINTS, [wg, wh, x0, x1, x2, x3, y0, y1, y2, y3, low01, low23, high01, high23, scale,
+                                           acc_g0, acc_h0, acc_g1, acc_h1], dtype=(tl.float32,) * 4, is_pure=True, pack=2)
         seg += NW
     # Lane (g, c) of an accumulator holds weight row g (or g + 8), activation rows 2c + e (+ 8).
     lane = tl.arange(0, 32)[:, None]
@@ -320,8 +389,10 @@ def matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, config
 
     ``config``: ``num_warps`` (warps of a program, each taking every ``num_warps``-th segment of
     the program's K range; at most 8), ``SPLIT`` (programs along K, their fp32 partials added
-    after), ``TABLE`` (decode through the shared pair table rather than in registers) and ``DEPTH``
-    (segments each warp fetches ahead: 1 or 2).
+    after), ``TABLE`` (decode through the shared pair table rather than in registers), ``DEPTH``
+    (segments whose weight loads each warp keeps in flight), ``X_AHEAD`` (load activations one
+    segment ahead rather than at use) and ``SHARED_SCALES`` (decode the program's block scales
+    once into shared memory rather than per segment).
     """
     m, k = x.shape
     if x.stride(0) != k or x.stride(1) != 1 or x.data_ptr() % 8:
@@ -330,11 +401,16 @@ def matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, config
     segments = triton.cdiv(k, SEGMENT)
     per_split = triton.cdiv(segments, config.get("SPLIT", 1))
     split = triton.cdiv(segments, per_split)
+    tiles, table, shared = 1 if m <= 8 else 2, config.get("TABLE", False), config.get("SHARED_SCALES", False)
+    blocks = scale_blocks(per_split, weight.blocksize) if shared else 1
     target = out if split == 1 else torch.empty(split, m, weight.n, dtype=torch.float32, device=x.device)
     _skinny_kernel[(triton.cdiv(weight.n, 16), split)](
         x.view(torch.int64), weight.packed.view(torch.int64), weight.code, *weight.scale_args(),
         bias if bias is not None else x, target, m, weight.n, k, weight.k_blocks, out.stride(0), per_split,
-        BS=weight.blocksize, NW=config["num_warps"], TILES=1 if m <= 8 else 2, SPLIT=split,
-        HAS_BIAS=bias is not None and split == 1, NESTED=weight.nested, F16=x.dtype == torch.float16,
-        TABLE=config.get("TABLE", False), DEPTH=config.get("DEPTH", 1), num_warps=config["num_warps"])
+        BS=weight.blocksize, NW=config["num_warps"], TILES=tiles, SPLIT=split, HAS_BIAS=bias is not None and split == 1,
+        NESTED=weight.nested, F16=x.dtype == torch.float16, TABLE=table, DEPTH=config.get("DEPTH", 1),
+        X_AHEAD=config.get("X_AHEAD", True), SHARED_SCALES=shared, SCALE_BLOCKS=triton.next_power_of_2(blocks),
+        SCALE_DECL=scale_table_decl(blocks) if shared else "",
+        SEGMENT_ASM=segment_asm("f16" if x.dtype == torch.float16 else "bf16", tiles, table, shared),
+        CONSTRAINTS=segment_constraints(tiles, shared), num_warps=config["num_warps"])
     return out if split == 1 else finish_split_k(target, bias, out, split)

@@ -9,9 +9,11 @@ log M, ties going to the larger M). Sources: the full sweep ``benchmarks/results
 alternating rounds, every call reading its weight from HBM; earlier alternating files timed one
 weight that stayed in L2 and are superseded); ``kernels-mma-h100.json`` for the other ``mma``
 rows; ``kernels-overlap-h100.json`` and ``kernels-overlap-priority-h100.json`` for the ``overlap``
-entries at M=4096. Kinds: ``gemv1`` (persistent one-row GEMV), ``gemv`` (CUDA-core GEMV), ``mma``
+entries at M=4096; ``kernels-skinny-trials-h100.json`` (alternating rounds from HBM, 3 rounds) for the
+rows whose comments name it. Kinds: ``gemv1`` (persistent one-row GEMV), ``gemv`` (CUDA-core GEMV), ``mma``
 (``skinny``: up to 16 rows, the weight decoded in registers, or with ``TABLE`` through a shared
-pair table, for tensor-core ``mma.sync``; ``DEPTH`` segments fetched ahead), ``fused``
+pair table, for tensor-core ``mma.sync``; ``DEPTH`` segments fetched ahead, activations at use
+unless ``X_AHEAD``, block scales from a per-program shared table with ``SHARED_SCALES``), ``fused``
 (dequantize tiles into ``tl.dot``), ``chunked`` (dequantize into a scratch buffer + cuBLAS; the
 value is the chunk size in elements, ``None`` for the whole weight at once), ``overlap`` (chunks
 as ``chunked``, the next one dequantized on a side stream during the current GEMM). The comments
@@ -25,16 +27,18 @@ import math
 import torch
 
 
-def _mma(warps: int, split: int, table: bool = False, depth: int = 1) -> dict:
-    return {"SPLIT": split, "num_warps": warps, "TABLE": table, "DEPTH": depth}
+def _mma(warps: int, split: int, table: bool = False, depth: int = 1, x_ahead: bool = True,
+         shared_scales: bool = False) -> dict:
+    return {"SPLIT": split, "num_warps": warps, "TABLE": table, "DEPTH": depth, "X_AHEAD": x_ahead,
+            "SHARED_SCALES": shared_scales}
 
 
 DEQUANT_CONFIG = {"elems_per_program": 2048, "num_warps": 4, "flat_block": 1024}
 
 FORWARD = {
     (4096, 4096): {
-        1: ('mma', _mma(4, 1, depth=2)),  # 9.1 us, HBM-resident weights (kernels-mma-depth)
-        2: ('mma', _mma(4, 1, depth=2)),  # as M=1 and M=4
+        1: ('mma', _mma(4, 1, table=True, depth=2, x_ahead=False)),  # 8.6 us vs 9.1 (kernels-skinny-trials, depth)
+        2: ('mma', _mma(4, 1, table=True, depth=2, x_ahead=False)),  # as M=1
         4: ('mma', _mma(4, 1, depth=2)),  # 9.3 us (kernels-mma-depth)
         8: ('mma', _mma(4, 1)),  # 10.0 us vs 13.9 fused
         12: ('mma', _mma(4, 1)),  # 11.6 us vs 14.0 fused
@@ -45,8 +49,8 @@ FORWARD = {
         4096: ('overlap', 8388608),  # 213.8 us vs 217.9 whole (alternating rounds)
     },
     (4096, 11008): {
-        1: ('mma', _mma(8, 1, table=True, depth=2)),  # 15.7 us vs 17.8 fetching one ahead (kernels-mma-depth)
-        2: ('mma', _mma(8, 1, table=True, depth=2)),  # as M=1 and M=4
+        1: ('mma', _mma(8, 1, table=True, depth=2, x_ahead=False)),  # 15.1 us vs 15.4 (kernels-skinny-trials, depth)
+        2: ('mma', _mma(8, 1, table=True, depth=2, x_ahead=False)),  # as M=1
         4: ('mma', _mma(8, 1, table=True, depth=2)),  # 16.4 us vs 18.9 (kernels-mma-depth)
         8: ('mma', _mma(4, 1, table=True)),  # 16.6 us vs 17.8 (kernels-mma-table-alternating)
         12: ('mma', _mma(8, 1)),  # 21.9 us vs 30.1 fused
@@ -62,19 +66,19 @@ FORWARD = {
         4: ('mma', _mma(2, 1, table=True, depth=2)),  # 16.7 us vs 17.7 (kernels-mma-depth)
         8: ('mma', _mma(4, 1)),  # 19.3 us vs 31.5 fused
         12: ('mma', _mma(2, 1)),  # 22.6 us vs 31.5 fused
-        16: ('mma', _mma(2, 1)),  # 24.8 us vs 31.1 fused
+        16: ('mma', _mma(2, 1, depth=2, shared_scales=True)),  # 22.7 us vs 24.2 (kernels-skinny-trials, shared_scales)
         64: ('fused', {'BM': 64, 'BN': 64, 'BK': 128, 'SPLIT_K': 2, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 45.7 us
         256: ('chunked', None),  # 84.0 us
         1024: ('chunked', None),  # 171.6 us
         4096: ('overlap', 8388608),  # 538.2 us vs 617.8 whole, 574.0 in 32M chunks (alternating rounds)
     },
     (14336, 4096): {
-        1: ('mma', _mma(4, 1, table=True)),  # 20.7 us vs 22.0 fetching two ahead (kernels-mma-depth)
-        2: ('mma', _mma(4, 1, table=True)),  # as M=1 and M=4
+        1: ('mma', _mma(4, 1, table=True, depth=2, x_ahead=False)),  # 19.7 us vs 20.5 (kernels-skinny-trials, depth)
+        2: ('mma', _mma(4, 1, table=True, depth=2, x_ahead=False)),  # as M=1
         4: ('mma', _mma(4, 1, table=True)),  # 22.0 us (kernels-mma-depth)
         8: ('mma', _mma(4, 1, table=True)),  # 22.4 us vs 23.1 (kernels-mma-table-alternating)
         12: ('mma', _mma(4, 1)),  # 26.8 us vs 36.8 fused
-        16: ('mma', _mma(2, 1)),  # 28.3 us vs 37.1 fused
+        16: ('mma', _mma(2, 1, depth=2, x_ahead=False, shared_scales=True)),  # 26.9 us vs 28.4 (kernels-skinny-trials)
         64: ('fused', {'BM': 64, 'BN': 128, 'BK': 128, 'SPLIT_K': 2, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 46.0 us
         256: ('chunked', None),  # 110.2 us
         1024: ('chunked', None),  # 214.2 us
@@ -286,7 +290,8 @@ def sweep_candidates() -> dict:
                         _fused(16, 128, 64, 4, 3, 4, w_is_a=True), _fused(16, 128, 128, 8, 3, 4, w_is_a=True),
                         _fused(16, 32, 256, 2, 3, 8, w_is_a=True), _fused(16, 64, 256, 8, 3, 4, w_is_a=True),
                         _fused(16, 64, 128, 4, 1, 4, w_is_a=True), _fused(16, 128, 128, 4, 3, 2, w_is_a=True)],
-        "mma": [_mma(w, s, t, d) for d in (1, 2) for t in (False, True) for w in (2, 4, 8) for s in (1, 2, 4)],
+        "mma": [_mma(w, 1, t, d, x, sh) for w in (2, 4, 8) for t in (False, True)
+                for d, x in ((1, True), (2, False), (2, True)) for sh in (False, True)],
         "fused": [_fused(64, 128, 128, 4, 3, 2), _fused(64, 64, 128, 4, 3, 2), _fused(64, 128, 128, 4, 3, 4),
                   _fused(64, 64, 128, 4, 3)],
         "chunked": [{"chunk_elems": None}, {"chunk_elems": 32 << 20}],
