@@ -19,8 +19,8 @@ register decode; the table is faster at 1-4 rows, the register decode where B ti
 With ``SHARED_SCALES`` each program first decodes its rows' block scales (double quantization
 included) into a shared table of bf16x2/f16x2 pairs, so a segment reads them with one
 ``ld.shared``: about 40 fewer instructions per segment, which pays where decode leaves issue
-slots to spare (16 rows), not with the pair table at 1 row (the extra shared memory costs a
-program per SM).
+slots to spare (16 rows), not with the pair table at 1 row (likely because the extra shared
+memory leaves room for one program fewer per SM).
 
 Against the CUDA-core GEMVs there are no codebook gathers through L1 and no per-element FMA
 (about five instructions per weight in the compiled loop, two of them ``prmt``), and the
@@ -91,7 +91,7 @@ def _format(ops: list[tuple], names: dict) -> str:
     return " ".join(f"{op[0]} {', '.join(names.get(a, a) for a in op[1:])};" for op in ops)
 
 
-@functools.cache  # built on every call's launch
+@functools.cache  # asked on every launch; the same string object keeps Triton's key hashing cheap
 def segment_asm(kind: str, tiles: int, table: bool, shared_scales: bool) -> str:
     """PTX for one 128-column segment: decode rows g and g + 8, scale, 8 k-steps of mma per tile.
 
