@@ -167,6 +167,24 @@ def test_skinny_mma_takes_strided_activations_and_runs_in_a_graph():
     assert _rel(out, static.float() @ ref.t()) < 1e-2
 
 
+def test_skinny_mma_realigns_activations_and_refuses_unaligned_codes():
+    """8 bytes past a 16-byte boundary: activations are copied to an aligned buffer, packed codes
+    (which cannot be copied cheaply) leave the layer to the other kernels, and both stay correct."""
+    from peftlab.quant.kernels import NF4Weight, nf4_matmul, skinny
+    from peftlab.quant.kernels.tuning import forward_plan
+
+    assert forward_plan(3, 520, 4160, 64, torch.bfloat16)[0] == "mma"  # so the fallback below is taken
+    packed, state, ref = _weight(520, 4160)
+    weight = NF4Weight.from_state(packed, state)
+    x = _x(1, 4 + 3 * 4160, torch.bfloat16).view(-1)[4:].view(3, 4160)
+    assert x.data_ptr() % 16 == 8
+    assert _rel(skinny.matmul(x, weight, None, {"num_warps": 2, "TABLE": True}), x.float() @ ref.t()) < 1e-2
+    shifted = torch.empty(packed.numel() + 8, dtype=torch.uint8, device=DEVICE)[8:].view_as(packed)
+    shifted.copy_(packed)
+    assert not skinny.supports(x, NF4Weight.from_state(shifted, state))
+    assert _rel(nf4_matmul(x, shifted, state, None), x.float() @ ref.t()) < 1e-2
+
+
 @pytest.mark.parametrize("blocksize", [128, 256])
 @pytest.mark.parametrize("m", [1, 16, 300])
 def test_larger_blocksizes_and_unaligned_rows(blocksize, m):

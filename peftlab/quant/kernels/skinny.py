@@ -376,11 +376,18 @@ def _has_bf16_mma(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
+# Packed codes and activations must start on 16 bytes: Triton then knows the pairs of int64 a
+# thread loads are one 16-byte vector and gives each thread a whole pair, the lane mapping the
+# segment PTX's mma needs. Without that alignment it may spread a pair over two lanes, which
+# compiles and silently computes garbage (tests/test_skinny_layout.py checks the compiled mapping).
+ALIGNMENT = 16
+
+
 def supports(x: torch.Tensor, weight: NF4Weight) -> bool:
     """Whether :func:`matmul` runs ``x [m, k]`` here: CUDA sm_80+, bf16/fp16, m <= 16, whole
-    blocks of at least 32 per row, packed codes 8-byte aligned."""
+    blocks of at least 32 per row, packed codes 16-byte aligned."""
     return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and 1 <= x.shape[0] <= MAX_ROWS
-            and weight.row_aligned and weight.blocksize >= 32 and weight.packed.data_ptr() % 8 == 0
+            and weight.row_aligned and weight.blocksize >= 32 and weight.packed.data_ptr() % ALIGNMENT == 0
             and _has_bf16_mma(x.device))
 
 
@@ -395,8 +402,8 @@ def matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, config
     once into shared memory rather than per segment).
     """
     m, k = x.shape
-    if x.stride(0) != k or x.stride(1) != 1 or x.data_ptr() % 8:
-        x = x.clone(memory_format=torch.contiguous_format)  # the int64 view needs aligned, dense rows
+    if x.stride(0) != k or x.stride(1) != 1 or x.data_ptr() % ALIGNMENT:
+        x = x.clone(memory_format=torch.contiguous_format)  # dense rows, 16-byte aligned (see ALIGNMENT)
     out = torch.empty(m, weight.n, dtype=x.dtype, device=x.device)
     segments = triton.cdiv(k, SEGMENT)
     per_split = triton.cdiv(segments, config.get("SPLIT", 1))

@@ -1,0 +1,74 @@
+"""The lane mapping of the compiled skinny kernel, checked without a GPU.
+
+The kernel's segment PTX runs warp-wide ``mma`` instructions, so it is only correct if every
+thread holds one whole pair of its ``[NW * 32, 2]`` tensors: row r on lane r % 32 of warp r // 32,
+elements 0 and 1 in that order. Triton chooses that mapping itself. Here the kernel is compiled
+for sm_80 and sm_90 with the argument alignment :func:`skinny.matmul` guarantees (16 bytes for
+activations and packed codes, 64 for the codebook, fresh output) and the layout Triton gave the
+PTX's operands is read from the compiled TTGIR.
+"""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from peftlab.quant.kernels import skinny  # noqa: E402
+
+_TYPES = {"x_ptr": "*i64", "packed_ptr": "*i64", "code_ptr": "*fp32", "absmax_ptr": "*u8",
+          "nested_absmax_ptr": "*fp32", "nested_code_ptr": "*fp32", "offset": "fp32", "bias_ptr": "*bf16",
+          "out_ptr": "*bf16"}
+_ALIGNED = ("x_ptr", "packed_ptr", "code_ptr", "out_ptr")  # what the launcher guarantees
+
+
+def _ttgir(nw: int, tiles: int, table: bool, depth: int, x_ahead: bool, shared: bool, capability: int) -> str:
+    kernel = skinny._skinny_kernel
+    constants = dict(BS=64, NW=nw, TILES=tiles, SPLIT=1, HAS_BIAS=True, NESTED=True, F16=False, TABLE=table,
+                     DEPTH=depth, X_AHEAD=x_ahead, SHARED_SCALES=shared, SCALE_BLOCKS=4,
+                     SCALE_DECL=skinny.scale_table_decl(4) if shared else "",
+                     SEGMENT_ASM=skinny.segment_asm("bf16", tiles, table, shared),
+                     CONSTRAINTS=skinny.segment_constraints(tiles, shared))
+    signature = {name: "constexpr" if name in constants else _TYPES.get(name, "i32") for name in kernel.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names) if name in _ALIGNED}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": nw})
+    return compiled.asm["ttgir"]
+
+
+def segment_operand_layouts(ttgir: str, rows: int) -> set[tuple[str, str, str, str]]:
+    """(sizePerThread, threadsPerWarp, warpsPerCTA, order) of every ``[rows, 2]`` operand and
+    result of the segment PTX (the inline asm that issues ``mma``) in ``ttgir``."""
+    layouts = dict(re.findall(r"^(#\w+) = #\w+\.blocked<\{(.*?)\}>", ttgir, re.M))
+    calls = [line for line in ttgir.splitlines() if "elementwise_inline_asm" in line and "mma.sync" in line]
+    assert calls, "the segment PTX is missing from the compiled kernel"
+    found = set()
+    for call in calls:
+        for name in re.findall(rf"tensor<{rows}x2x\w+, (#\w+)>", call):
+            assert name in layouts, f"operand layout {name} is not a blocked layout"
+            fields = dict(re.findall(r"(\w+) = \[([\d, ]*)\]", layouts[name]))
+            found.add(tuple(fields[key].replace(" ", "") for key in
+                            ("sizePerThread", "threadsPerWarp", "warpsPerCTA", "order")))
+    return found
+
+
+@pytest.mark.parametrize("capability", [80, 90])
+@pytest.mark.parametrize("nw,tiles,table,depth,x_ahead,shared", [
+    (1, 1, False, 1, True, False), (2, 1, True, 2, False, False), (4, 2, False, 2, True, True),
+    (8, 2, True, 3, True, True)])
+def test_every_thread_holds_whole_pairs(nw, tiles, table, depth, x_ahead, shared, capability):
+    ttgir = _ttgir(nw, tiles, table, depth, x_ahead, shared, capability)
+    assert segment_operand_layouts(ttgir, nw * 32) == {("1,2", "32,1", f"{nw},1", "1,0")}
+
+
+def test_the_check_sees_a_spread_pair():
+    """The layout Triton picks for unaligned pointers: pairs spread over two lanes."""
+    ttgir = ("#blocked = #ttg.blocked<{sizePerThread = [1, 1], threadsPerWarp = [16, 2], warpsPerCTA = [2, 1], "
+             "order = [1, 0]}>\n"
+             '%0:2 = tt.elementwise_inline_asm "mma.sync" %a : tensor<64x2xi64, #blocked> -> '
+             "tensor<64x2xf32, #blocked>")
+    assert segment_operand_layouts(ttgir, 64) == {("1,1", "16,2", "2,1", "1,0")}
