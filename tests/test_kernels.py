@@ -6,26 +6,14 @@ normal Triton. The interpreter computes fp16/fp32 faithfully (bf16 is covered on
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-_INNER = os.environ.get("PEFTLAB_KERNEL_INTERPRETER") == "1"
+from tests.interpreted import INNER, run_inner
 
-
-if not _INNER:
+if not INNER:
     def test_kernels_under_triton_interpreter():
         """Runs this module's interpreter checks in a child process and fails with its report."""
-        pytest.importorskip("triton")
-        env = dict(os.environ, TRITON_INTERPRET="1", PEFTLAB_KERNEL_INTERPRETER="1", TRITON_DEFAULT_FP_FUSION="1")
-        root = Path(__file__).resolve().parents[1]
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
-                              cwd=root, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-        assert " passed" in proc.stdout and "failed" not in proc.stdout
+        run_inner(__file__)
 
 
 else:
