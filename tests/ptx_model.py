@@ -196,12 +196,13 @@ class _Call:
 
 def install() -> PTXModel:
     """Makes Triton's interpreter run inline PTX through a fresh :class:`PTXModel`; returns it."""
+    import triton.language as tl
     from triton.runtime import interpreter
 
     model = PTXModel()
 
     def create_inline_asm(self, asm, constraints, values, types, is_pure, pack):
-        shape = values[0].data.shape if values else ()
+        shape = values[0].data.shape
         out_types = [getattr(ty, "element_ty", ty) for ty in types]
         operands = []
         for ty in out_types:  # outputs first, one operand per packed element
@@ -216,7 +217,7 @@ def install() -> PTXModel:
         results = []
         for i, ty in enumerate(out_types):
             words = np.stack(outs[i * pack:(i + 1) * pack], axis=1).reshape(shape).astype(np.uint32)
-            results.append(interpreter.TensorHandle(words.view(np.float32) if ty == interpreter.tl.float32
+            results.append(interpreter.TensorHandle(words.view(np.float32) if ty == tl.float32
                                                     else words.view(np.int32), ty))
         return _Call(results)
 

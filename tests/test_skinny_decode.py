@@ -3,11 +3,12 @@
 The kernel's PTX is built from ``skinny.selector_ops`` and ``skinny.lookup_ops`` (register
 codebook) or ``skinny.table_fill_ops`` and ``skinny.table_lookup_ops`` (shared pair table); here
 the same instruction lists run on an emulator written from the PTX ISA's definitions (``prmt``
-default mode: selector nibble bits 0-2 pick one of 8 bytes, bit 3 replicates that byte's sign),
-and every byte value at every position must decode to the codebook's values in bf16 and fp16.
+default mode: selector nibble bits 0-2 pick one of 8 bytes, bit 3 replicates that byte's sign;
+``tests/ptx_model.py``'s, shared with the whole-kernel test), and every byte value at every position must decode to the codebook's values in bf16 and fp16.
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,20 +16,15 @@ pytest.importorskip("triton")
 
 from peftlab.quant.kernels import skinny
 from peftlab.quant.nf4 import NF4_CODE
+from tests import ptx_model
 
 MASK = 0xFFFFFFFF
 
 
 def _prmt(a: int, b: int, c: int) -> int:
-    source = a | (b << 32)
-    out = 0
-    for i in range(4):
-        sel = (c >> (4 * i)) & 0xF
-        byte = (source >> (8 * (sel & 7))) & 0xFF
-        if sel & 8:
-            byte = 0xFF if byte & 0x80 else 0x00
-        out |= byte << (8 * i)
-    return out
+    """``prmt.b32`` on one lane, through the whole-kernel PTX model's definition."""
+    lane = [np.array([v], dtype=np.uint32) for v in (a, b, c)]
+    return int(ptx_model._prmt(*lane)[0])
 
 
 def _run(ops: list[tuple], regs: dict, shared: dict | None = None) -> None:

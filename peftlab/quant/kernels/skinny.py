@@ -378,8 +378,8 @@ def _has_bf16_mma(device: torch.device) -> bool:
 
 # Packed codes and activations must start on 16 bytes: Triton then knows the pairs of int64 a
 # thread loads are one 16-byte vector and gives each thread a whole pair, the lane mapping the
-# segment PTX's mma needs. Without that alignment it may spread a pair over two lanes, which
-# compiles and silently computes garbage (tests/test_skinny_layout.py checks the compiled mapping).
+# segment PTX's mma needs. Compiled with neither pointer 16-byte aligned, it spread each pair over
+# two lanes, which the mma fragments cannot use (tests/test_skinny_layout.py checks the mapping).
 ALIGNMENT = 16
 
 
