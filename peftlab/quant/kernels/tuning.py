@@ -9,8 +9,9 @@ log M, ties going to the larger M). Sources: the full sweep ``benchmarks/results
 alternating rounds, every call reading its weight from HBM; earlier alternating files timed one
 weight that stayed in L2 and are superseded); ``kernels-mma-h100.json`` for the other ``mma``
 rows; ``kernels-overlap-h100.json`` and ``kernels-overlap-priority-h100.json`` for the ``overlap``
-entries at M=4096; ``kernels-skinny-trials-h100.json`` (alternating rounds from HBM, 3 rounds) for the
-rows whose comments name it. Kinds: ``gemv1`` (persistent one-row GEMV), ``gemv`` (CUDA-core GEMV), ``mma``
+entries at M=4096; ``kernels-skinny-trials-h100.json`` and ``kernels-mma-m1-h100.json`` (``--sweep
+--kinds mma --ms 1``; both alternating rounds from HBM, 3 rounds) for the rows whose comments name
+them. Kinds: ``gemv1`` (persistent one-row GEMV), ``gemv`` (CUDA-core GEMV), ``mma``
 (``skinny``: up to 16 rows, the weight decoded in registers, or with ``TABLE`` through a shared
 pair table, for tensor-core ``mma.sync``; ``DEPTH`` segments fetched ahead, activations at use
 unless ``X_AHEAD``, block scales from a per-program shared table with ``SHARED_SCALES``), ``fused``
@@ -49,8 +50,8 @@ FORWARD = {
         4096: ('overlap', 8388608),  # 213.8 us vs 217.9 whole (alternating rounds)
     },
     (4096, 11008): {
-        1: ('mma', _mma(8, 1, table=True, depth=2, x_ahead=False)),  # 15.1 us vs 15.4 (kernels-skinny-trials, depth)
-        2: ('mma', _mma(8, 1, table=True, depth=2, x_ahead=False)),  # as M=1
+        1: ('mma', _mma(8, 1, table=True, shared_scales=True)),  # 15.4 us vs 19.5 register scales (kernels-mma-m1)
+        2: ('mma', _mma(8, 1, table=True, shared_scales=True)),  # as M=1
         4: ('mma', _mma(8, 1, table=True, depth=2)),  # 16.4 us vs 18.9 (kernels-mma-depth)
         8: ('mma', _mma(4, 1, table=True)),  # 16.6 us vs 17.8 (kernels-mma-table-alternating)
         12: ('mma', _mma(8, 1)),  # 21.9 us vs 30.1 fused
