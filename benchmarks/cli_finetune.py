@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import LLAMA_1B, device_name, device_tag, versions, write_result  # noqa: E402
+from benchmarks.common import LLAMA_1B, device_name, device_tag, require_cuda, versions, write_result  # noqa: E402
 
 TOKENIZER = ROOT / "tests" / "fixtures" / "bpe_tokenizer"
 SETUPS = [("LoRA", ["--method", "lora"]), ("QLoRA", ["--method", "qlora"])]
@@ -75,9 +75,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=24)
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("benchmarks/cli_finetune.py needs a CUDA GPU.")
-    device = torch.device("cuda")
+    device = require_cuda("benchmarks/cli_finetune.py")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

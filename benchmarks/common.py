@@ -26,6 +26,13 @@ LLAMA_TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hid
                   tie_word_embeddings=False)
 
 
+def require_cuda(what: str) -> torch.device:
+    """The CUDA device, or exit with one line saying that ``what`` needs one."""
+    if not torch.cuda.is_available():
+        sys.exit(f"{what} needs a CUDA GPU.")
+    return torch.device("cuda")
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

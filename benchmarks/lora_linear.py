@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, device_name, device_tag, versions, write_result  # noqa: E402
+from benchmarks.common import RESULTS, device_name, device_tag, require_cuda, versions, write_result  # noqa: E402
 from benchmarks.kernels import copies_for, time_calls  # noqa: E402
 from peftlab.quant.kernels import tuning  # noqa: E402
 from peftlab.quant.kernels.lora_linear import lora_add, lora_linear, lora_transient_merge  # noqa: E402
@@ -116,8 +116,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="time every candidate config")
     parser.add_argument("--ms", default=None, help="subset of M, e.g. 128,4096")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("benchmarks/lora_linear.py needs a CUDA GPU.")
+    device = require_cuda("benchmarks/lora_linear.py")
     import triton
 
     ms = [int(v) for v in args.ms.split(",")] if args.ms else MS
@@ -126,7 +125,6 @@ def main() -> None:
         for m in ms:
             rows.append(measure(n, k, m, args.sweep))
             print_row(rows[-1])
-    device = torch.device("cuda")
     path = RESULTS / f"lora_linear-{device_tag(device)}.json"
     if args.ms and path.exists():  # a partial run replaces only the rows it measured
         measured = {(r["N"], r["K"], r["M"]) for r in rows}

@@ -22,10 +22,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import device_name, device_tag, versions, write_result  # noqa: E402
+from benchmarks.common import device_name, device_tag, require_cuda, versions, write_result  # noqa: E402
 from benchmarks.kernels import SHAPES, graph_replayer  # noqa: E402
 from peftlab.quant.kernels import nf4_matmul, tuning  # noqa: E402
 from peftlab.quant.nf4 import quantize_nf4  # noqa: E402
+
 
 def kernel_spans(replay) -> list[dict]:
     """``{"name", "start", "end"}`` (µs from the first kernel) of every kernel of one ``replay()``."""
@@ -65,9 +66,7 @@ def main() -> None:
     parser.add_argument("--m", type=int, default=4096)
     parser.add_argument("--replays", type=int, default=5)
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("benchmarks/overlap_timeline.py needs a CUDA GPU.")
-    device = torch.device("cuda")
+    device = require_cuda("benchmarks/overlap_timeline.py")
     rows = []
     print(f"{'N x K':>11} {'plan':>20} | {'cuBLAS':>7} {'total':>7} {'GEMMs':>7} {'dequant alone':>13} {'idle':>5}   (µs)")
     for n, k in SHAPES:

@@ -4,7 +4,8 @@ The kernel's PTX is built from ``skinny.selector_ops`` and ``skinny.lookup_ops``
 codebook) or ``skinny.table_fill_ops`` and ``skinny.table_lookup_ops`` (shared pair table); here
 the same instruction lists run on an emulator written from the PTX ISA's definitions (``prmt``
 default mode: selector nibble bits 0-2 pick one of 8 bytes, bit 3 replicates that byte's sign;
-``tests/ptx_model.py``'s, shared with the whole-kernel test), and every byte value at every position must decode to the codebook's values in bf16 and fp16.
+``tests/ptx_model.py``'s, shared with the whole-kernel test), and every byte value at every
+position must decode to the codebook's values in bf16 and fp16.
 """
 from __future__ import annotations
 
