@@ -1,9 +1,9 @@
 """The tensor-core skinny kernel, whole, on the CPU: Triton's interpreter runs its Triton code and
 ``tests/ptx_model.py`` its inline PTX (decode, shared tables, ``mma``), against the torch
 reference in fp32. Covers what only a GPU run covered before: partial segments and row groups,
-split K, one to eight warps, every decode and queue variant, with and without bias, fp16 and
-bf16 (the kernel does no bf16 arithmetic in Triton, which the interpreter gets wrong; the PTX
-model rounds through torch).
+split K, one to eight warps, 16- and 8-row programs, every decode and queue variant, with and
+without bias, fp16 and bf16 (the kernel does no bf16 arithmetic in Triton, which the interpreter
+gets wrong; the PTX model rounds through torch).
 """
 from __future__ import annotations
 
@@ -49,7 +49,8 @@ else:
             # every variant once per row count, the launches taking turns (shifted per row count)
             for i, (table, (depth, ahead), shared) in enumerate(variants):
                 config, with_bias = LAUNCHES[(i + i // 4 + m) % len(LAUNCHES)]
-                config = dict(config, TABLE=table, DEPTH=depth, X_AHEAD=ahead, SHARED_SCALES=shared)
+                rows = 8 if (i + m) % 3 == 0 else 16  # a third of the variants with 8-row programs
+                config = dict(config, TABLE=table, DEPTH=depth, X_AHEAD=ahead, SHARED_SCALES=shared, ROWS=rows)
                 b = bias if with_bias else None
                 out = skinny.matmul(x, weight, b, config)
                 expect = x.float() @ ref.t() + (b.float() if b is not None else 0)

@@ -92,8 +92,9 @@ def _format(ops: list[tuple], names: dict) -> str:
 
 
 @functools.cache  # asked on every launch; the same string object keeps Triton's key hashing cheap
-def segment_asm(kind: str, tiles: int, table: bool, shared_scales: bool) -> str:
+def segment_asm(kind: str, tiles: int, table: bool, shared_scales: bool, rows: int = 16) -> str:
     """PTX for one 128-column segment: decode rows g and g + 8, scale, 8 k-steps of mma per tile.
+    With ``rows=8`` only row g is decoded and the A fragments of rows 8-15 stay zero.
 
     Operands (``pack=2``): outputs are ``tiles`` x (row g, row g + 8) fp32 accumulator pairs;
     inputs the packed words of row g and of row g + 8 (2 x int64 each), the activations (per tile
@@ -106,6 +107,7 @@ def segment_asm(kind: str, tiles: int, table: bool, shared_scales: bool) -> str:
     decode = acts + 8 * tiles
     scale, acc = decode + 8, decode + 10
     planes = {name: f"${decode + i}" for i, name in enumerate(_TABLE)}
+    decoded = "gh" if rows == 16 else "g"
     selectors = ", ".join(f"{row}{name}{upper}" for row in "gh" for name in ("i3", "sl") for upper in ("", "u"))
     lines = [f"{{ .reg .b32 wg<4>, wh<4>, t, t<4>, {selectors}, la, lb, L, ha, hb, H, b0, b1, a<4>, sg, sh, nz;",
              ".reg .f32 " + ", ".join(f"d{i}" for i in range(4 * tiles)) + ";",
@@ -114,13 +116,15 @@ def segment_asm(kind: str, tiles: int, table: bool, shared_scales: bool) -> str:
              f"ld.shared.v2.b32 {{sg, sh}}, [${scale}];" if shared_scales else
              f"cvt.rn.{kind}x2.f32 sg, ${scale}, ${scale}; cvt.rn.{kind}x2.f32 sh, ${scale + 1}, ${scale + 1};",
              " ".join(f"mov.f32 d{i}, ${acc + i};" for i in range(4 * tiles))]
+    if rows == 8:
+        lines.append("mov.b32 a1, 0; mov.b32 a3, 0;")
     for w in range(4):
         # Word w of each row holds k-steps 2w (bytes 0-1) and 2w + 1 (bytes 2-3).
         if not table:
-            lines.append(_format(selector_ops(f"wg{w}", "g") + selector_ops(f"wh{w}", "h"), {}))
+            lines.append(_format([op for row in decoded for op in selector_ops(f"w{row}{w}", row)], {}))
         for upper in ("", "u"):
             step = 2 * w + (upper == "u")
-            for i, (row, first, second) in enumerate((("g", "a0", "a2"), ("h", "a1", "a3"))):
+            for i, (row, first, second) in enumerate((("g", "a0", "a2"), ("h", "a1", "a3"))[:len(decoded)]):
                 if table:
                     byte = 2 * (upper == "u")
                     ops = (table_lookup_ops(f"w{row}{w}", byte, first, f"${decode}", f"t{2 * i}")
@@ -129,8 +133,8 @@ def segment_asm(kind: str, tiles: int, table: bool, shared_scales: bool) -> str:
                 else:
                     lines.append(_format(lookup_ops(f"{row}i3{upper}", f"{row}sl{upper}", first, second), planes))
             # -0.0 as the addend: one rounding, signed zeros kept (fma has bf16x2 from sm_80 on)
-            lines.append(f"fma.rn.{kind}x2 a0, a0, sg, nz; fma.rn.{kind}x2 a2, a2, sg, nz; "
-                         f"fma.rn.{kind}x2 a1, a1, sh, nz; fma.rn.{kind}x2 a3, a3, sh, nz;")
+            lines.append(f"fma.rn.{kind}x2 a0, a0, sg, nz; fma.rn.{kind}x2 a2, a2, sg, nz;"
+                         + (f" fma.rn.{kind}x2 a1, a1, sh, nz; fma.rn.{kind}x2 a3, a3, sh, nz;" if rows == 16 else ""))
             for tile in range(tiles):
                 d = ", ".join(f"d{4 * tile + i}" for i in range(4))
                 lines.append(f"mov.b64 {{b0, b1}}, ${acts + 8 * tile + step}; "
@@ -199,14 +203,14 @@ def scale_table_decl(blocks: int) -> str:
 
 
 @triton.jit
-def _fill_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, seg0, seg_end, N, KB, BS: tl.constexpr,
+def _fill_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, seg0, seg_end, row_end, KB, BS: tl.constexpr,
                  NESTED: tl.constexpr, DT: tl.constexpr, NW: tl.constexpr, BLOCKS: tl.constexpr,
-                 DECLARE: tl.constexpr):
-    """Decodes the block scales of the program's 16 rows and segments once, into shared memory as
+                 DECLARE: tl.constexpr, ROWS: tl.constexpr):
+    """Decodes the block scales of the program's rows and segments once, into shared memory as
     DT pairs (the value twice, the ``fma`` operand): block b's entry for lane row g is 8 bytes at
     ``(b * 8 + g) * 8``, row g's pair then row g + 8's, so a warp's 32 lanes read one 128-byte line
-    per segment. Blocks past K or N hold 0. All loads go out at once (``BLOCKS``: a power of two
-    covering the blocks); returns the table's address."""
+    per segment. Blocks past K or the program's rows (``row_end``) hold 0. All loads go out at
+    once (``BLOCKS``: a power of two covering the blocks); returns the table's address."""
     r = tl.arange(0, 16)[:, None]
     b = tl.arange(0, BLOCKS)[None, :]
     # declared once per thread (a [16, BLOCKS] operand would repeat the declaration per element)
@@ -214,8 +218,8 @@ def _fill_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, seg0, s
     table = tl.max(tl.inline_asm_elementwise(DECLARE, "=r,r", [t], dtype=tl.int32, is_pure=True, pack=1), axis=0)
     blk0 = seg0 * 128 // BS
     used = b < (seg_end * 128 + BS - 1) // BS - blk0
-    row = tl.program_id(0) * 16 + r
-    ok = used & (row < N) & (blk0 + b < KB)
+    row = tl.program_id(0) * ROWS + r
+    ok = used & (row < row_end) & (blk0 + b < KB)
     q, outer = scale_bytes(absmax_ptr, nested_absmax_ptr, row.to(tl.int64) * KB + blk0 + b, ok, NESTED)
     bits = decode_scales(nested_code_ptr, offset, q, outer, ok, NESTED).to(DT).to(tl.int16, bitcast=True)
     bits = bits.to(tl.int32) & 0xFFFF
@@ -234,11 +238,11 @@ def _activations(x_ptr, first, ok):
 
 
 @triton.jit
-def _fetch_weights(packed_ptr, absmax_ptr, nested_absmax_ptr, seg, seg_end, c, row, N, K, KB, BS: tl.constexpr,
-                   NESTED: tl.constexpr, SHARED_SCALES: tl.constexpr):
-    """One segment's weight loads: the packed words of rows g and g + 8 (16 bytes each) and, unless
-    the scales come from shared memory, their block-scale bytes. Anything past the segment range,
-    K or N reads as 0."""
+def _fetch_weights(packed_ptr, absmax_ptr, nested_absmax_ptr, seg, seg_end, c, row, row_end, K, KB,
+                   BS: tl.constexpr, NESTED: tl.constexpr, SHARED_SCALES: tl.constexpr, ROWS: tl.constexpr):
+    """One segment's weight loads: the packed words of rows g and g + 8 (16 bytes each; of row g
+    alone with 8 rows per program) and, unless the scales come from shared memory, their
+    block-scale bytes. Anything past the segment range, K or the program's rows reads as 0."""
     # Offsets are written so that the compiler can prove 16-byte alignment (rows of KB * BS codes,
     # BS >= 32): every pair then is one vector load held by one thread, the layout the PTX needs.
     e = tl.arange(0, 2)[None, :]
@@ -246,13 +250,16 @@ def _fetch_weights(packed_ptr, absmax_ptr, nested_absmax_ptr, seg, seg_end, c, r
     ok = (seg < seg_end) & (k0 < K)
     row_words = KB * (BS // 16)  # int64 per weight row
     word = row.to(tl.int64) * row_words + (seg * 8 + 2 * c) + e
-    wg = tl.load(packed_ptr + word, mask=ok & (row < N), other=0)
-    wh = tl.load(packed_ptr + word + 8 * row_words, mask=ok & (row + 8 < N), other=0)
+    wg = tl.load(packed_ptr + word, mask=ok & (row < row_end), other=0)
+    if ROWS == 16:
+        wh = tl.load(packed_ptr + word + 8 * row_words, mask=ok & (row + 8 < row_end), other=0)
+    else:
+        wh = tl.zeros_like(wg)
     if SHARED_SCALES:
         loads = (wg, wh)
     else:
         rows = row + 8 * e
-        q, outer = scale_bytes(absmax_ptr, nested_absmax_ptr, rows * KB + k0 // BS, ok & (rows < N), NESTED)
+        q, outer = scale_bytes(absmax_ptr, nested_absmax_ptr, rows * KB + k0 // BS, ok & (rows < row_end), NESTED)
         loads = (wg, wh, q, outer)
     return loads
 
@@ -294,14 +301,16 @@ def _skinny_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, n
                    BS: tl.constexpr, NW: tl.constexpr, TILES: tl.constexpr, SPLIT: tl.constexpr,
                    HAS_BIAS: tl.constexpr, NESTED: tl.constexpr, F16: tl.constexpr, TABLE: tl.constexpr,
                    DEPTH: tl.constexpr, X_AHEAD: tl.constexpr, SHARED_SCALES: tl.constexpr, SCALE_BLOCKS: tl.constexpr,
-                   SCALE_DECL: tl.constexpr, SEGMENT_ASM: tl.constexpr, CONSTRAINTS: tl.constexpr):
+                   SCALE_DECL: tl.constexpr, SEGMENT_ASM: tl.constexpr, CONSTRAINTS: tl.constexpr,
+                   ROWS: tl.constexpr):
     # x_ptr and packed_ptr are int64 views (4 activations, 16 codes). A thread's tensors are
     # [NW * 32, 2], row r on lane r % 32 of warp r // 32 (the layout the PTX relies on), a pair per
     # thread: element e of the scales is weight row g + 8e's, of an accumulator activation row 2c + e.
     r = tl.arange(0, NW * 32)[:, None]
     warp = r // 32
     c = r % 4
-    row = tl.program_id(0) * 16 + (r % 32) // 4
+    row = tl.program_id(0) * ROWS + (r % 32) // 4
+    row_end = tl.minimum(N, tl.program_id(0) * ROWS + ROWS)  # with 8 rows, rows g + 8 are the next program's
     DT: tl.constexpr = tl.float16 if F16 else tl.bfloat16
     zero = tl.zeros((NW * 32, 2), tl.int32)
     seg0 = tl.program_id(1) * segments_per_split
@@ -310,17 +319,17 @@ def _skinny_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, n
     # ``queue`` holds the weight loads of the next DEPTH segments (2 tensors each); activations,
     # read by every warp and so mostly L1 hits, are loaded X_AHEAD (0 or 1) segments ahead.
     seg = seg0 + warp
-    queue = _fetch_weights(packed_ptr, absmax_ptr, nested_absmax_ptr, seg, seg_end, c, row, N, K, KB, BS, NESTED,
-                           SHARED_SCALES)
+    queue = _fetch_weights(packed_ptr, absmax_ptr, nested_absmax_ptr, seg, seg_end, c, row, row_end, K, KB, BS, NESTED,
+                           SHARED_SCALES, ROWS)
     for j in tl.static_range(1, DEPTH):
-        queue = queue + _fetch_weights(packed_ptr, absmax_ptr, nested_absmax_ptr, seg + j * NW, seg_end, c, row, N, K,
-                                       KB, BS, NESTED, SHARED_SCALES)
+        queue = queue + _fetch_weights(packed_ptr, absmax_ptr, nested_absmax_ptr, seg + j * NW, seg_end, c, row, row_end,
+                                       K, KB, BS, NESTED, SHARED_SCALES, ROWS)
     if X_AHEAD:
         acts = _fetch_activations(x_ptr, seg, seg_end, c, row, M, K, KB, BS, TILES)
     WORDS: tl.constexpr = 2 if SHARED_SCALES else 4  # tensors per queued segment
     if SHARED_SCALES:
-        scales = _fill_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, seg0, seg_end, N, KB, BS, NESTED,
-                              DT, NW, SCALE_BLOCKS, SCALE_DECL)
+        scales = _fill_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, seg0, seg_end, row_end, KB, BS,
+                              NESTED, DT, NW, SCALE_BLOCKS, SCALE_DECL, ROWS)
         blk0 = seg0 * 128 // BS
     if TABLE:  # the segment PTX reads the lane's table address from the first decode operand
         lane_entry = zero + (_fill_table(code_ptr, NW, DT) + (r % 32) * 4)  # copy l of an entry is on bank l
@@ -341,11 +350,11 @@ def _skinny_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, n
         else:
             k0 = seg * 128 + 32 * c
             rows = row + 8 * tl.arange(0, 2)[None, :]
-            scale = decode_scales(nested_code_ptr, offset, queue[2], queue[3], (seg < seg_end) & (k0 < K) & (rows < N),
-                                  NESTED)
+            scale = decode_scales(nested_code_ptr, offset, queue[2], queue[3],
+                                  (seg < seg_end) & (k0 < K) & (rows < row_end), NESTED)
         # From HBM each warp's chain of segments is bound by load latency: DEPTH stay in flight.
         queue = queue[WORDS:] + _fetch_weights(packed_ptr, absmax_ptr, nested_absmax_ptr, seg + DEPTH * NW, seg_end, c,
-                                               row, N, K, KB, BS, NESTED, SHARED_SCALES)
+                                               row, row_end, K, KB, BS, NESTED, SHARED_SCALES, ROWS)
         if X_AHEAD:
             x0, x1, x2, x3, y0, y1, y2, y3 = acts
             acts = _fetch_activations(x_ptr, seg + NW, seg_end, c, row, M, K, KB, BS, TILES)
@@ -362,13 +371,15 @@ def _skinny_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, n
         seg += NW
     # Lane (g, c) of an accumulator holds weight row g (or g + 8), activation rows 2c + e (+ 8).
     lane = tl.arange(0, 32)[:, None]
-    out_row = tl.program_id(0) * 16 + lane // 4
+    out_row = tl.program_id(0) * ROWS + lane // 4
     token = 2 * (lane % 4) + tl.arange(0, 2)[None, :]
     _store(acc_g0, token, out_row, M, N, NW, out_ptr, bias_ptr, stride_o, SPLIT, HAS_BIAS)
-    _store(acc_h0, token, out_row + 8, M, N, NW, out_ptr, bias_ptr, stride_o, SPLIT, HAS_BIAS)
+    if ROWS == 16:
+        _store(acc_h0, token, out_row + 8, M, N, NW, out_ptr, bias_ptr, stride_o, SPLIT, HAS_BIAS)
     if TILES == 2:
         _store(acc_g1, token + 8, out_row, M, N, NW, out_ptr, bias_ptr, stride_o, SPLIT, HAS_BIAS)
-        _store(acc_h1, token + 8, out_row + 8, M, N, NW, out_ptr, bias_ptr, stride_o, SPLIT, HAS_BIAS)
+        if ROWS == 16:
+            _store(acc_h1, token + 8, out_row + 8, M, N, NW, out_ptr, bias_ptr, stride_o, SPLIT, HAS_BIAS)
 
 
 @functools.cache  # asked on every dispatch; a device's capability never changes
@@ -395,8 +406,10 @@ def matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, config
     """``x [m, k] @ W.T (+ bias) -> [m, n]`` for ``m <= 16`` where :func:`supports` holds.
 
     ``config``: ``num_warps`` (warps of a program, each taking every ``num_warps``-th segment of
-    the program's K range; at most 8), ``SPLIT`` (programs along K, their fp32 partials added
-    after), ``TABLE`` (decode through the shared pair table rather than in registers), ``DEPTH``
+    the program's K range; at most 8), ``ROWS`` (weight rows per program: 16, or 8 for twice the
+    programs, each leaving the mma's rows 8-15 empty), ``SPLIT`` (programs along K, their fp32
+    partials added after), ``TABLE`` (decode through the shared pair table rather than in
+    registers), ``DEPTH``
     (segments whose weight loads each warp keeps in flight), ``X_AHEAD`` (load activations one
     segment ahead rather than at use) and ``SHARED_SCALES`` (decode the program's block scales
     once into shared memory rather than per segment).
@@ -409,15 +422,16 @@ def matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, config
     per_split = triton.cdiv(segments, config.get("SPLIT", 1))
     split = triton.cdiv(segments, per_split)
     tiles, table, shared = 1 if m <= 8 else 2, config.get("TABLE", False), config.get("SHARED_SCALES", False)
+    rows = config.get("ROWS", 16)
     blocks = scale_blocks(per_split, weight.blocksize) if shared else 1
     target = out if split == 1 else torch.empty(split, m, weight.n, dtype=torch.float32, device=x.device)
-    _skinny_kernel[(triton.cdiv(weight.n, 16), split)](
+    _skinny_kernel[(triton.cdiv(weight.n, rows), split)](
         x.view(torch.int64), weight.packed.view(torch.int64), weight.code, *weight.scale_args(),
         bias if bias is not None else x, target, m, weight.n, k, weight.k_blocks, out.stride(0), per_split,
         BS=weight.blocksize, NW=config["num_warps"], TILES=tiles, SPLIT=split, HAS_BIAS=bias is not None and split == 1,
         NESTED=weight.nested, F16=x.dtype == torch.float16, TABLE=table, DEPTH=config.get("DEPTH", 1),
         X_AHEAD=config.get("X_AHEAD", True), SHARED_SCALES=shared, SCALE_BLOCKS=triton.next_power_of_2(blocks),
         SCALE_DECL=scale_table_decl(blocks) if shared else "",
-        SEGMENT_ASM=segment_asm("f16" if x.dtype == torch.float16 else "bf16", tiles, table, shared),
-        CONSTRAINTS=segment_constraints(tiles, shared), num_warps=config["num_warps"])
+        SEGMENT_ASM=segment_asm("f16" if x.dtype == torch.float16 else "bf16", tiles, table, shared, rows),
+        CONSTRAINTS=segment_constraints(tiles, shared), ROWS=rows, num_warps=config["num_warps"])
     return out if split == 1 else finish_split_k(target, bias, out, split)

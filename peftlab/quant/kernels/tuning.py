@@ -11,11 +11,14 @@ weight that stayed in L2 and are superseded); ``kernels-mma-h100.json`` for the 
 rows; ``kernels-overlap-h100.json`` and ``kernels-overlap-priority-h100.json`` for the ``overlap``
 entries at M=4096; ``kernels-skinny-trials-h100.json`` and ``kernels-mma-m1-h100.json`` (``--sweep
 --kinds mma --ms 1``; both alternating rounds from HBM, 3 rounds) for the rows whose comments name
-them. Kinds: ``gemv1`` (persistent one-row GEMV), ``gemv`` (CUDA-core GEMV), ``mma``
-(``skinny``: up to 16 rows, the weight decoded in registers, or with ``TABLE`` through a shared
-pair table, for tensor-core ``mma.sync``; ``DEPTH`` segments fetched ahead, activations at use
-unless ``X_AHEAD``, block scales from a per-program shared table with ``SHARED_SCALES``), ``fused``
-(dequantize tiles into ``tl.dot``), ``chunked`` (dequantize into a scratch buffer + cuBLAS; the
+them, and ``kernels-rows8-h100.json`` (8-row programs against the plan of the time, alternating
+rounds from HBM, 3 rounds; ``kernels-rows8b-h100.json`` the same at 2-8 rows) for the rows that
+name them. Kinds: ``gemv1`` (persistent
+one-row GEMV), ``gemv`` (CUDA-core GEMV), ``mma`` (``skinny``: up to 16 rows, the weight decoded
+in registers, or with ``TABLE`` through a shared pair table, for tensor-core ``mma.sync``;
+``DEPTH`` segments fetched ahead, activations at use unless ``X_AHEAD``, block scales from a
+per-program shared table with ``SHARED_SCALES``, ``rows=8`` for programs of 8 weight rows, twice
+as many), ``fused`` (dequantize tiles into ``tl.dot``), ``chunked`` (dequantize into a scratch buffer + cuBLAS; the
 value is the chunk size in elements, ``None`` for the whole weight at once), ``overlap`` (chunks
 as ``chunked``, the next one dequantized on a side stream during the current GEMM). The comments
 give the measured time, for some rows against the config it replaced in the same run.
@@ -29,18 +32,18 @@ import torch
 
 
 def _mma(warps: int, split: int, table: bool = False, depth: int = 1, x_ahead: bool = True,
-         shared_scales: bool = False) -> dict:
+         shared_scales: bool = False, rows: int = 16) -> dict:
     return {"SPLIT": split, "num_warps": warps, "TABLE": table, "DEPTH": depth, "X_AHEAD": x_ahead,
-            "SHARED_SCALES": shared_scales}
+            "SHARED_SCALES": shared_scales, "ROWS": rows}
 
 
 DEQUANT_CONFIG = {"elems_per_program": 2048, "num_warps": 4, "flat_block": 1024}
 
 FORWARD = {
     (4096, 4096): {
-        1: ('mma', _mma(4, 1, table=True, depth=2, x_ahead=False)),  # 8.6 us vs 9.1 (kernels-skinny-trials, depth)
-        2: ('mma', _mma(4, 1, table=True, depth=2, x_ahead=False)),  # as M=1
-        4: ('mma', _mma(4, 1, depth=2)),  # 9.3 us (kernels-mma-depth)
+        1: ('mma', _mma(8, 1, table=True, rows=8)),  # 8.3 us vs 8.9 with 16-row programs (kernels-rows8)
+        2: ('mma', _mma(8, 1, table=True, rows=8)),  # as M=1
+        4: ('mma', _mma(4, 1, table=True, depth=2, x_ahead=False, rows=8)),  # 9.0 us vs 9.6 (kernels-rows8)
         8: ('mma', _mma(4, 1)),  # 10.0 us vs 13.9 fused
         12: ('mma', _mma(4, 1)),  # 11.6 us vs 14.0 fused
         16: ('mma', _mma(4, 1)),  # 12.0 us vs 14.2 fused
@@ -50,10 +53,10 @@ FORWARD = {
         4096: ('overlap', 8388608),  # 213.8 us vs 217.9 whole (alternating rounds)
     },
     (4096, 11008): {
-        1: ('mma', _mma(8, 1, table=True, shared_scales=True)),  # 15.4 us vs 19.5 register scales (kernels-mma-m1)
-        2: ('mma', _mma(8, 1, table=True, shared_scales=True)),  # as M=1
+        1: ('mma', _mma(8, 1, table=True, rows=8)),  # 14.8 us vs 15.5 with 16 rows and shared scales (kernels-rows8)
+        2: ('mma', _mma(8, 1, table=True, rows=8)),  # as M=1
         4: ('mma', _mma(8, 1, table=True, depth=2)),  # 16.4 us vs 18.9 (kernels-mma-depth)
-        8: ('mma', _mma(4, 1, table=True)),  # 16.6 us vs 17.8 (kernels-mma-table-alternating)
+        8: ('mma', _mma(8, 1, table=True, shared_scales=True)),  # 18.1 us vs 22.1 (kernels-rows8b)
         12: ('mma', _mma(8, 1)),  # 21.9 us vs 30.1 fused
         16: ('mma', _mma(8, 1)),  # 22.7 us vs 30.9 fused
         64: ('fused', {'BM': 64, 'BN': 128, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 44.6 us
@@ -291,7 +294,7 @@ def sweep_candidates() -> dict:
                         _fused(16, 128, 64, 4, 3, 4, w_is_a=True), _fused(16, 128, 128, 8, 3, 4, w_is_a=True),
                         _fused(16, 32, 256, 2, 3, 8, w_is_a=True), _fused(16, 64, 256, 8, 3, 4, w_is_a=True),
                         _fused(16, 64, 128, 4, 1, 4, w_is_a=True), _fused(16, 128, 128, 4, 3, 2, w_is_a=True)],
-        "mma": [_mma(w, 1, t, d, x, sh) for w in (2, 4, 8) for t in (False, True)
+        "mma": [_mma(w, 1, t, d, x, sh, rows) for rows in (16, 8) for w in (2, 4, 8) for t in (False, True)
                 for d, x in ((1, True), (2, False), (2, True)) for sh in (False, True)],
         "fused": [_fused(64, 128, 128, 4, 3, 2), _fused(64, 64, 128, 4, 3, 2), _fused(64, 128, 128, 4, 3, 4),
                   _fused(64, 64, 128, 4, 3)],
