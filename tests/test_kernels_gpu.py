@@ -123,7 +123,8 @@ def test_every_candidate_and_table_config_is_correct(m, dtype):
 @pytest.mark.parametrize("n", [520, 33])
 def test_skinny_mma_matches_reference(n, k, blocksize, nested, dtype):
     """Tensor-core decode for 1-16 rows: both tiles, partial segments (K % 128 = 64 or K < 128),
-    partial 16- and 8-row groups, split K, one or several warps, with and without bias, register and
+    partial 16- and 8-row groups, split K, masked and steady loops, one or several warps, with and
+    without bias, register and
     shared-table decode, one to three segments fetched ahead, activations loaded ahead or at use,
     block scales decoded per segment or once into shared memory."""
     from peftlab.quant.kernels import NF4Weight, skinny
@@ -141,7 +142,9 @@ def test_skinny_mma_matches_reference(n, k, blocksize, nested, dtype):
         for i, (table, (depth, ahead), shared) in enumerate(variants):
             config, bias = launches[(i + i // 4) % len(launches)]
             rows = 8 if (i + m) % 3 == 0 else 16  # a third of the variants with 8-row programs
-            config = dict(config, TABLE=table, DEPTH=depth, X_AHEAD=ahead, SHARED_SCALES=shared, ROWS=rows)
+            steady = (i + m) % 2 == 0  # half with the unmasked steady loop
+            config = dict(config, TABLE=table, DEPTH=depth, X_AHEAD=ahead, SHARED_SCALES=shared, ROWS=rows,
+                          STEADY=steady)
             assert skinny.supports(x, weight)
             out = skinny.matmul(x, weight, bias, config)
             expect = x.float() @ ref.t() + (bias.float() if bias is not None else 0)

@@ -52,8 +52,12 @@ def nf4_pairs(code_ptr, packed):
 
 @triton.jit
 def scale_bytes(absmax_ptr, nested_absmax_ptr, block, mask, NESTED: tl.constexpr):
-    """The raw loads behind ``block_scales``: (absmax entries, second-level scales when NESTED)."""
-    if NESTED:
+    """The raw loads behind ``block_scales``: (absmax entries, second-level scales when NESTED);
+    ``mask=None`` loads without a mask."""
+    if mask is None:
+        q = tl.load(absmax_ptr + block)
+        outer = tl.load(nested_absmax_ptr + (block >> 8)) if NESTED else q
+    elif NESTED:
         q = tl.load(absmax_ptr + block, mask=mask, other=0)
         outer = tl.load(nested_absmax_ptr + (block >> 8), mask=mask, other=0.0)
     else:
@@ -65,9 +69,11 @@ def scale_bytes(absmax_ptr, nested_absmax_ptr, block, mask, NESTED: tl.constexpr
 @triton.jit
 def decode_scales(nested_code_ptr, offset, q, outer, mask, NESTED: tl.constexpr):
     """fp32 absmax from ``scale_bytes``' loads; nested decode is ``nested_code[q] * outer + offset``
-    (bitsandbytes' order)."""
+    (bitsandbytes' order), 0 where ``mask`` is false (``None``: nowhere)."""
     if NESTED:
-        scale = tl.where(mask, tl.load(nested_code_ptr + q.to(tl.int32)) * outer + offset, 0.0)
+        scale = tl.load(nested_code_ptr + q.to(tl.int32)) * outer + offset
+        if mask is not None:
+            scale = tl.where(mask, scale, 0.0)
     else:
         scale = q
     return scale

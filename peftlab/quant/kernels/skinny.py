@@ -231,51 +231,75 @@ def _fill_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, seg0, s
 
 @triton.jit
 def _activations(x_ptr, first, ok):
-    """A tile's B fragments for one segment: int64 ``first + 2p + e`` (4 activations) is k-step 2p + e."""
+    """A tile's B fragments for one segment: int64 ``first + 2p + e`` (4 activations) is k-step 2p + e;
+    ``ok=None`` loads without a mask."""
     e = tl.arange(0, 2)[None, :]
-    return (tl.load(x_ptr + first + e, mask=ok, other=0), tl.load(x_ptr + first + 2 + e, mask=ok, other=0),
-            tl.load(x_ptr + first + 4 + e, mask=ok, other=0), tl.load(x_ptr + first + 6 + e, mask=ok, other=0))
+    if ok is None:
+        out = (tl.load(x_ptr + first + e), tl.load(x_ptr + first + 2 + e), tl.load(x_ptr + first + 4 + e),
+               tl.load(x_ptr + first + 6 + e))
+    else:
+        out = (tl.load(x_ptr + first + e, mask=ok, other=0), tl.load(x_ptr + first + 2 + e, mask=ok, other=0),
+               tl.load(x_ptr + first + 4 + e, mask=ok, other=0), tl.load(x_ptr + first + 6 + e, mask=ok, other=0))
+    return out
 
 
 @triton.jit
 def _fetch_weights(packed_ptr, absmax_ptr, nested_absmax_ptr, seg, seg_end, c, row, row_end, K, KB,
-                   BS: tl.constexpr, NESTED: tl.constexpr, SHARED_SCALES: tl.constexpr, ROWS: tl.constexpr):
+                   BS: tl.constexpr, NESTED: tl.constexpr, SHARED_SCALES: tl.constexpr, ROWS: tl.constexpr,
+                   MASKED: tl.constexpr):
     """One segment's weight loads: the packed words of rows g and g + 8 (16 bytes each; of row g
     alone with 8 rows per program) and, unless the scales come from shared memory, their
-    block-scale bytes. Anything past the segment range, K or the program's rows reads as 0."""
+    block-scale bytes. MASKED: anything past the segment range, K or the program's rows reads as
+    0. Otherwise no masks: rows past the program's end read its last row and columns past the
+    row end its last 32 codes, which meet zero activations or land in outputs never stored."""
     # Offsets are written so that the compiler can prove 16-byte alignment (rows of KB * BS codes,
     # BS >= 32): every pair then is one vector load held by one thread, the layout the PTX needs.
     e = tl.arange(0, 2)[None, :]
     k0 = seg * 128 + 32 * c  # [R, 1]: the thread's first column in this segment
-    ok = (seg < seg_end) & (k0 < K)
     row_words = KB * (BS // 16)  # int64 per weight row
-    word = row.to(tl.int64) * row_words + (seg * 8 + 2 * c) + e
-    wg = tl.load(packed_ptr + word, mask=ok & (row < row_end), other=0)
-    if ROWS == 16:
-        wh = tl.load(packed_ptr + word + 8 * row_words, mask=ok & (row + 8 < row_end), other=0)
+    rows = row + 8 * e
+    if MASKED:
+        ok = (seg < seg_end) & (k0 < K)
+        word = row.to(tl.int64) * row_words + (seg * 8 + 2 * c) + e
+        wg = tl.load(packed_ptr + word, mask=ok & (row < row_end), other=0)
+        wh = tl.zeros_like(wg)  # with 8 rows per program, rows g + 8 are the next program's
+        if ROWS == 16:
+            wh = tl.load(packed_ptr + word + 8 * row_words, mask=ok & (row + 8 < row_end), other=0)
+        blocks, ok = rows * KB + k0 // BS, ok & (rows < row_end)
     else:
+        col = tl.minimum(seg * 8 + 2 * c, row_words - 2) + e
+        wg = tl.load(packed_ptr + (tl.minimum(row, row_end - 1).to(tl.int64) * row_words + col))
         wh = tl.zeros_like(wg)
+        if ROWS == 16:
+            wh = tl.load(packed_ptr + (tl.minimum(row + 8, row_end - 1).to(tl.int64) * row_words + col))
+        blocks, ok = tl.minimum(rows, row_end - 1) * KB + tl.minimum(k0 // BS, KB - 1), None
     if SHARED_SCALES:
         loads = (wg, wh)
     else:
-        rows = row + 8 * e
-        q, outer = scale_bytes(absmax_ptr, nested_absmax_ptr, rows * KB + k0 // BS, ok & (rows < row_end), NESTED)
-        loads = (wg, wh, q, outer)
+        loads = (wg, wh) + scale_bytes(absmax_ptr, nested_absmax_ptr, blocks, ok, NESTED)
     return loads
 
 
 @triton.jit
-def _fetch_activations(x_ptr, seg, seg_end, c, row, M, K, KB, BS: tl.constexpr, TILES: tl.constexpr):
-    """One segment's B fragments, per tile four int64 pairs (see ``_activations``)."""
-    k0 = seg * 128 + 32 * c
-    ok = (seg < seg_end) & (k0 < K)
-    token = (row % 8).to(tl.int64)  # B column n = g: activation row g (tile 0), g + 8 (tile 1)
+def _fetch_activations(x_ptr, seg, seg_end, c, row, M, K, KB, BS: tl.constexpr, TILES: tl.constexpr,
+                       MASKED: tl.constexpr):
+    """One segment's B fragments, per tile four int64 pairs (see ``_activations``). MASKED zeroes
+    columns past the segment range or K and rows past M; otherwise rows past M read row M - 1
+    (outputs never stored) and columns past K the row's last 32 (meeting weights never used)."""
+    token = row % 8  # B column n = g: activation row g (tile 0), g + 8 (tile 1)
     x_row = KB * (BS // 4)  # int64 per activation row (dense rows)
-    x = token * x_row + (seg * 32 + 8 * c)
-    x0, x1, x2, x3 = _activations(x_ptr, x, ok & (token < M))
-    if TILES == 2:
-        y0, y1, y2, y3 = _activations(x_ptr, x + 8 * x_row, ok & (token + 8 < M))
+    if MASKED:
+        ok = (seg < seg_end) & (seg * 128 + 32 * c < K)
+        x = token.to(tl.int64) * x_row + (seg * 32 + 8 * c)
+        x0, x1, x2, x3 = _activations(x_ptr, x, ok & (token < M))
+        if TILES == 2:
+            y0, y1, y2, y3 = _activations(x_ptr, x + 8 * x_row, ok & (token + 8 < M))
     else:
+        col = tl.minimum(seg * 32 + 8 * c, x_row - 8)
+        x0, x1, x2, x3 = _activations(x_ptr, tl.minimum(token, M - 1).to(tl.int64) * x_row + col, None)
+        if TILES == 2:
+            y0, y1, y2, y3 = _activations(x_ptr, tl.minimum(token + 8, M - 1).to(tl.int64) * x_row + col, None)
+    if TILES == 1:
         y0, y1, y2, y3 = x0, x1, x2, x3
     return x0, x1, x2, x3, y0, y1, y2, y3
 
@@ -295,6 +319,53 @@ def _store(acc, token, row, M, N, NW: tl.constexpr, out_ptr, bias_ptr, stride_o,
     tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _segment(queue, acts, accs, slot: tl.constexpr, MASKED: tl.constexpr, seg, seg_end, c, r, row, row_end, M, K, KB,
+             x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, planes, scales, blk0, zero,
+             BS: tl.constexpr, NW: tl.constexpr, TILES: tl.constexpr, NESTED: tl.constexpr, DEPTH: tl.constexpr,
+             X_AHEAD: tl.constexpr, SHARED_SCALES: tl.constexpr, STEADY: tl.constexpr, ROWS: tl.constexpr,
+             SEGMENT_ASM: tl.constexpr, CONSTRAINTS: tl.constexpr):
+    """One step of a warp's chain: segment ``seg`` from queue slot ``slot``, whose loads are then
+    reissued DEPTH segments ahead. MASKED (any segment past the range or K): masked loads, the
+    queue rotated, activations at use after a steady phase (its prefetches read past the range
+    unmasked, and only zero activations cancel those weights). Returns (queue, acts, accs)."""
+    WORDS: tl.constexpr = 2 if SHARED_SCALES else 4  # tensors per queued segment
+    wg, wh = queue[slot * WORDS], queue[slot * WORDS + 1]
+    if SHARED_SCALES:  # the lane's block in the table (block 0's entry past the range: x is 0 there)
+        block = (seg * 128 + 32 * c) // BS - blk0
+        if MASKED:
+            block = tl.where(seg < seg_end, block, 0)
+        scale = zero + (scales + (block * 8 + (r % 32) // 4) * 8)
+    else:
+        ok = None
+        if MASKED:
+            ok = (seg < seg_end) & (seg * 128 + 32 * c < K) & (row + 8 * tl.arange(0, 2)[None, :] < row_end)
+        scale = decode_scales(nested_code_ptr, offset, queue[slot * WORDS + 2], queue[slot * WORDS + 3], ok, NESTED)
+    # From HBM each warp's chain of segments is bound by load latency: DEPTH stay in flight.
+    ahead = _fetch_weights(packed_ptr, absmax_ptr, nested_absmax_ptr, seg + DEPTH * NW, seg_end, c, row, row_end, K, KB,
+                           BS, NESTED, SHARED_SCALES, ROWS, MASKED)
+    if MASKED:
+        queue = queue[WORDS:] + ahead
+    else:
+        queue = queue[:slot * WORDS] + ahead + queue[(slot + 1) * WORDS:]
+    if X_AHEAD and not (MASKED and STEADY):
+        x0, x1, x2, x3, y0, y1, y2, y3 = acts
+        acts = _fetch_activations(x_ptr, seg + NW, seg_end, c, row, M, K, KB, BS, TILES, MASKED)
+    else:
+        x0, x1, x2, x3, y0, y1, y2, y3 = _fetch_activations(x_ptr, seg, seg_end, c, row, M, K, KB, BS, TILES, MASKED)
+    low01, low23, high01, high23 = planes
+    acc_g0, acc_h0, acc_g1, acc_h1 = accs
+    if TILES == 1:
+        acc_g0, acc_h0 = tl.inline_asm_elementwise(
+            SEGMENT_ASM, CONSTRAINTS, [wg, wh, x0, x1, x2, x3, low01, low23, high01, high23, scale, acc_g0, acc_h0],
+            dtype=(tl.float32,) * 2, is_pure=True, pack=2)
+    else:
+        acc_g0, acc_h0, acc_g1, acc_h1 = tl.inline_asm_elementwise(
+            SEGMENT_ASM, CONSTRAINTS, [wg, wh, x0, x1, x2, x3, y0, y1, y2, y3, low01, low23, high01, high23, scale,
+                                       acc_g0, acc_h0, acc_g1, acc_h1], dtype=(tl.float32,) * 4, is_pure=True, pack=2)
+    return queue, acts, (acc_g0, acc_h0, acc_g1, acc_h1)
+
+
 @triton.jit(do_not_specialize=["M", "N", "K", "KB", "stride_o", "segments_per_split"])
 def _skinny_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, bias_ptr,
                    out_ptr, M, N, K, KB, stride_o, segments_per_split,
@@ -302,7 +373,7 @@ def _skinny_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, n
                    HAS_BIAS: tl.constexpr, NESTED: tl.constexpr, F16: tl.constexpr, TABLE: tl.constexpr,
                    DEPTH: tl.constexpr, X_AHEAD: tl.constexpr, SHARED_SCALES: tl.constexpr, SCALE_BLOCKS: tl.constexpr,
                    SCALE_DECL: tl.constexpr, SEGMENT_ASM: tl.constexpr, CONSTRAINTS: tl.constexpr,
-                   ROWS: tl.constexpr):
+                   ROWS: tl.constexpr, STEADY: tl.constexpr):
     # x_ptr and packed_ptr are int64 views (4 activations, 16 codes). A thread's tensors are
     # [NW * 32, 2], row r on lane r % 32 of warp r // 32 (the layout the PTX relies on), a pair per
     # thread: element e of the scales is weight row g + 8e's, of an accumulator activation row 2c + e.
@@ -320,55 +391,48 @@ def _skinny_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, n
     # read by every warp and so mostly L1 hits, are loaded X_AHEAD (0 or 1) segments ahead.
     seg = seg0 + warp
     queue = _fetch_weights(packed_ptr, absmax_ptr, nested_absmax_ptr, seg, seg_end, c, row, row_end, K, KB, BS, NESTED,
-                           SHARED_SCALES, ROWS)
+                           SHARED_SCALES, ROWS, True)
     for j in tl.static_range(1, DEPTH):
         queue = queue + _fetch_weights(packed_ptr, absmax_ptr, nested_absmax_ptr, seg + j * NW, seg_end, c, row, row_end,
-                                       K, KB, BS, NESTED, SHARED_SCALES, ROWS)
+                                       K, KB, BS, NESTED, SHARED_SCALES, ROWS, True)
+    acts = zero  # unused without X_AHEAD
     if X_AHEAD:
-        acts = _fetch_activations(x_ptr, seg, seg_end, c, row, M, K, KB, BS, TILES)
-    WORDS: tl.constexpr = 2 if SHARED_SCALES else 4  # tensors per queued segment
+        acts = _fetch_activations(x_ptr, seg, seg_end, c, row, M, K, KB, BS, TILES, True)
+    scales, blk0 = zero, 0
     if SHARED_SCALES:
         scales = _fill_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, seg0, seg_end, row_end, KB, BS,
                               NESTED, DT, NW, SCALE_BLOCKS, SCALE_DECL, ROWS)
         blk0 = seg0 * 128 // BS
     if TABLE:  # the segment PTX reads the lane's table address from the first decode operand
         lane_entry = zero + (_fill_table(code_ptr, NW, DT) + (r % 32) * 4)  # copy l of an entry is on bank l
-        low01, low23, high01, high23 = lane_entry, lane_entry, lane_entry, lane_entry
+        planes = (lane_entry, lane_entry, lane_entry, lane_entry)
     else:
         low01, high01 = _byte_planes(code_ptr, 0, DT)
         low23, high23 = _byte_planes(code_ptr, 8, DT)
-        low01, low23, high01, high23 = zero + low01, zero + low23, zero + high01, zero + high23
-    acc_g0 = tl.zeros((NW * 32, 2), tl.float32)  # weight row g, activation rows 0-7 (tile 0)
-    acc_h0 = tl.zeros((NW * 32, 2), tl.float32)  # weight row g + 8
-    acc_g1 = tl.zeros((NW * 32, 2), tl.float32)  # the same for activation rows 8-15 (tile 1)
-    acc_h1 = tl.zeros((NW * 32, 2), tl.float32)
-    for _ in range(seg0, seg_end, NW):
-        wg, wh = queue[0], queue[1]
-        if SHARED_SCALES:  # the lane's block in the table (block 0's entry past the range: x is 0 there)
-            block = tl.where(seg < seg_end, (seg * 128 + 32 * c) // BS - blk0, 0)
-            scale = zero + (scales + (block * 8 + (r % 32) // 4) * 8)
-        else:
-            k0 = seg * 128 + 32 * c
-            rows = row + 8 * tl.arange(0, 2)[None, :]
-            scale = decode_scales(nested_code_ptr, offset, queue[2], queue[3],
-                                  (seg < seg_end) & (k0 < K) & (rows < row_end), NESTED)
-        # From HBM each warp's chain of segments is bound by load latency: DEPTH stay in flight.
-        queue = queue[WORDS:] + _fetch_weights(packed_ptr, absmax_ptr, nested_absmax_ptr, seg + DEPTH * NW, seg_end, c,
-                                               row, row_end, K, KB, BS, NESTED, SHARED_SCALES, ROWS)
-        if X_AHEAD:
-            x0, x1, x2, x3, y0, y1, y2, y3 = acts
-            acts = _fetch_activations(x_ptr, seg + NW, seg_end, c, row, M, K, KB, BS, TILES)
-        else:
-            x0, x1, x2, x3, y0, y1, y2, y3 = _fetch_activations(x_ptr, seg, seg_end, c, row, M, K, KB, BS, TILES)
-        if TILES == 1:
-            acc_g0, acc_h0 = tl.inline_asm_elementwise(
-                SEGMENT_ASM, CONSTRAINTS, [wg, wh, x0, x1, x2, x3, low01, low23, high01, high23, scale, acc_g0, acc_h0],
-                dtype=(tl.float32,) * 2, is_pure=True, pack=2)
-        else:
-            acc_g0, acc_h0, acc_g1, acc_h1 = tl.inline_asm_elementwise(
-                SEGMENT_ASM, CONSTRAINTS, [wg, wh, x0, x1, x2, x3, y0, y1, y2, y3, low01, low23, high01, high23, scale,
-                                           acc_g0, acc_h0, acc_g1, acc_h1], dtype=(tl.float32,) * 4, is_pure=True, pack=2)
+        planes = (zero + low01, zero + low23, zero + high01, zero + high23)
+    # weight row g, activation rows 0-7 (tile 0); weight row g + 8; the same for activation rows 8-15 (tile 1)
+    acc = tl.zeros((NW * 32, 2), tl.float32)
+    accs = (acc, acc, acc, acc)
+    # With STEADY the steps in which every warp's segment is whole and in range run without masks,
+    # DEPTH at a time so that each refills its own queue slot (no register moves); the rest, or all
+    # steps without STEADY, mask their loads and rotate the queue.
+    steady = 0
+    if STEADY:
+        steady = tl.maximum(tl.minimum(seg_end, K // 128) - seg0, 0) // (NW * DEPTH)
+        for _ in range(steady):
+            for slot in tl.static_range(DEPTH):
+                queue, acts, accs = _segment(queue, acts, accs, slot, False, seg, seg_end, c, r, row, row_end, M, K, KB,
+                                             x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                                             planes, scales, blk0, zero, BS, NW, TILES, NESTED, DEPTH, X_AHEAD,
+                                             SHARED_SCALES, STEADY, ROWS, SEGMENT_ASM, CONSTRAINTS)
+                seg += NW
+    for _ in range(steady * DEPTH, (seg_end - seg0 + NW - 1) // NW):
+        queue, acts, accs = _segment(queue, acts, accs, 0, True, seg, seg_end, c, r, row, row_end, M, K, KB,
+                                     x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                                     planes, scales, blk0, zero, BS, NW, TILES, NESTED, DEPTH, X_AHEAD,
+                                     SHARED_SCALES, STEADY, ROWS, SEGMENT_ASM, CONSTRAINTS)
         seg += NW
+    acc_g0, acc_h0, acc_g1, acc_h1 = accs
     # Lane (g, c) of an accumulator holds weight row g (or g + 8), activation rows 2c + e (+ 8).
     lane = tl.arange(0, 32)[:, None]
     out_row = tl.program_id(0) * ROWS + lane // 4
@@ -411,8 +475,9 @@ def matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, config
     partials added after), ``TABLE`` (decode through the shared pair table rather than in
     registers), ``DEPTH``
     (segments whose weight loads each warp keeps in flight), ``X_AHEAD`` (load activations one
-    segment ahead rather than at use) and ``SHARED_SCALES`` (decode the program's block scales
-    once into shared memory rather than per segment).
+    segment ahead rather than at use), ``SHARED_SCALES`` (decode the program's block scales
+    once into shared memory rather than per segment) and ``STEADY`` (run the steps where every
+    warp's segment is whole and in range without masks).
     """
     m, k = x.shape
     if x.stride(0) != k or x.stride(1) != 1 or x.data_ptr() % ALIGNMENT:
@@ -433,5 +498,6 @@ def matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, config
         X_AHEAD=config.get("X_AHEAD", True), SHARED_SCALES=shared, SCALE_BLOCKS=triton.next_power_of_2(blocks),
         SCALE_DECL=scale_table_decl(blocks) if shared else "",
         SEGMENT_ASM=segment_asm("f16" if x.dtype == torch.float16 else "bf16", tiles, table, shared, rows),
-        CONSTRAINTS=segment_constraints(tiles, shared), ROWS=rows, num_warps=config["num_warps"])
+        CONSTRAINTS=segment_constraints(tiles, shared), ROWS=rows, STEADY=config.get("STEADY", False),
+        num_warps=config["num_warps"])
     return out if split == 1 else finish_split_k(target, bias, out, split)

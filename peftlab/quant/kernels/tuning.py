@@ -12,13 +12,14 @@ rows; ``kernels-overlap-h100.json`` and ``kernels-overlap-priority-h100.json`` f
 entries at M=4096; ``kernels-skinny-trials-h100.json`` and ``kernels-mma-m1-h100.json`` (``--sweep
 --kinds mma --ms 1``; both alternating rounds from HBM, 3 rounds) for the rows whose comments name
 them, and ``kernels-rows8-h100.json`` (8-row programs against the plan of the time, alternating
-rounds from HBM, 3 rounds; ``kernels-rows8b-h100.json`` the same at 2-8 rows) for the rows that
-name them. Kinds: ``gemv1`` (persistent
+rounds from HBM, 3 rounds; ``kernels-rows8b-h100.json`` the same at 2-8 rows) and
+``kernels-steady-lab-h100.json`` (the unmasked steady loop against the masked one, the same way)
+for the rows that name them. Kinds: ``gemv1`` (persistent
 one-row GEMV), ``gemv`` (CUDA-core GEMV), ``mma`` (``skinny``: up to 16 rows, the weight decoded
 in registers, or with ``TABLE`` through a shared pair table, for tensor-core ``mma.sync``;
 ``DEPTH`` segments fetched ahead, activations at use unless ``X_AHEAD``, block scales from a
 per-program shared table with ``SHARED_SCALES``, ``rows=8`` for programs of 8 weight rows, twice
-as many), ``fused`` (dequantize tiles into ``tl.dot``), ``chunked`` (dequantize into a scratch buffer + cuBLAS; the
+as many, ``steady`` for no masks where segments are whole), ``fused`` (dequantize tiles into ``tl.dot``), ``chunked`` (dequantize into a scratch buffer + cuBLAS; the
 value is the chunk size in elements, ``None`` for the whole weight at once), ``overlap`` (chunks
 as ``chunked``, the next one dequantized on a side stream during the current GEMM). The comments
 give the measured time, for some rows against the config it replaced in the same run.
@@ -32,9 +33,9 @@ import torch
 
 
 def _mma(warps: int, split: int, table: bool = False, depth: int = 1, x_ahead: bool = True,
-         shared_scales: bool = False, rows: int = 16) -> dict:
+         shared_scales: bool = False, rows: int = 16, steady: bool = False) -> dict:
     return {"SPLIT": split, "num_warps": warps, "TABLE": table, "DEPTH": depth, "X_AHEAD": x_ahead,
-            "SHARED_SCALES": shared_scales, "ROWS": rows}
+            "SHARED_SCALES": shared_scales, "ROWS": rows, "STEADY": steady}
 
 
 DEQUANT_CONFIG = {"elems_per_program": 2048, "num_warps": 4, "flat_block": 1024}
@@ -46,7 +47,7 @@ FORWARD = {
         4: ('mma', _mma(4, 1, table=True, depth=2, x_ahead=False, rows=8)),  # 9.0 us vs 9.6 (kernels-rows8)
         8: ('mma', _mma(4, 1)),  # 10.0 us vs 13.9 fused
         12: ('mma', _mma(4, 1)),  # 11.6 us vs 14.0 fused
-        16: ('mma', _mma(4, 1)),  # 12.0 us vs 14.2 fused
+        16: ('mma', _mma(4, 1, depth=2, steady=True)),  # 11.1 us vs 12.0 masked, depth 1 (kernels-steady-lab)
         64: ('fused', {'BM': 64, 'BN': 128, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 20.6 us
         256: ('chunked', None),  # 33.9 us
         1024: ('chunked', None),  # 60.5 us
@@ -70,7 +71,7 @@ FORWARD = {
         4: ('mma', _mma(2, 1, table=True, depth=2)),  # 16.7 us vs 17.7 (kernels-mma-depth)
         8: ('mma', _mma(4, 1)),  # 19.3 us vs 31.5 fused
         12: ('mma', _mma(2, 1)),  # 22.6 us vs 31.5 fused
-        16: ('mma', _mma(2, 1, depth=2, shared_scales=True)),  # 22.7 us vs 24.2 (kernels-skinny-trials, shared_scales)
+        16: ('mma', _mma(2, 1, depth=2, shared_scales=True, steady=True)),  # 22.5-22.9 us vs 23.2 masked (kernels-steady-lab)
         64: ('fused', {'BM': 64, 'BN': 64, 'BK': 128, 'SPLIT_K': 2, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 45.7 us
         256: ('chunked', None),  # 84.0 us
         1024: ('chunked', None),  # 171.6 us
@@ -294,8 +295,9 @@ def sweep_candidates() -> dict:
                         _fused(16, 128, 64, 4, 3, 4, w_is_a=True), _fused(16, 128, 128, 8, 3, 4, w_is_a=True),
                         _fused(16, 32, 256, 2, 3, 8, w_is_a=True), _fused(16, 64, 256, 8, 3, 4, w_is_a=True),
                         _fused(16, 64, 128, 4, 1, 4, w_is_a=True), _fused(16, 128, 128, 4, 3, 2, w_is_a=True)],
-        "mma": [_mma(w, 1, t, d, x, sh, rows) for rows in (16, 8) for w in (2, 4, 8) for t in (False, True)
-                for d, x in ((1, True), (2, False), (2, True)) for sh in (False, True)],
+        "mma": [_mma(w, 1, t, d, x, sh, rows, st) for rows in (16, 8) for w in (2, 4, 8) for t in (False, True)
+                for d, x in ((1, True), (2, False), (2, True)) for sh in (False, True)
+                for st in ((False, True) if rows == 16 else (False,))],
         "fused": [_fused(64, 128, 128, 4, 3, 2), _fused(64, 64, 128, 4, 3, 2), _fused(64, 128, 128, 4, 3, 4),
                   _fused(64, 64, 128, 4, 3)],
         "chunked": [{"chunk_elems": None}, {"chunk_elems": 32 << 20}],
