@@ -2,9 +2,8 @@
 ``tests/ptx_model.py`` its inline PTX (decode, shared tables, ``mma``), against the torch
 reference in fp32. Covers what only a GPU run covered before: partial segments and row groups,
 split K, one to eight warps, 16- and 8-row programs, masked and steady loops, every decode and
-queue variant, with and
-without bias, fp16 and bf16 (the kernel does no bf16 arithmetic in Triton, which the interpreter
-gets wrong; the PTX model rounds through torch).
+queue variant, with and without bias, fp16 and bf16 (the kernel does no bf16 arithmetic in
+Triton, which the interpreter gets wrong; the PTX model rounds through torch).
 """
 from __future__ import annotations
 

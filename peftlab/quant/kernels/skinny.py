@@ -22,11 +22,16 @@ included) into a shared table of bf16x2/f16x2 pairs, so a segment reads them wit
 slots to spare (16 rows), not with the pair table at 1 row (likely because the extra shared
 memory leaves room for one program fewer per SM).
 
+With ``ROWS=8`` a program takes 8 weight rows and leaves the mma's rows 8-15 empty: twice the
+programs for weights with few rows (4096×4096 at 1-4 activation rows). With ``STEADY`` the steps
+in which every warp's segment is whole and in range load without masks (rows past N and tokens
+past M clamped, never stored); only the last steps mask.
+
 Against the CUDA-core GEMVs there are no codebook gathers through L1 and no per-element FMA
 (about five instructions per weight in the compiled loop, two of them ``prmt``), and the
 multiply-adds of up to eight activation rows cost the same one ``mma``. Needs sm_80+, bf16/fp16
 activations and whole blocks per row; the inline PTX cannot run in Triton's interpreter, so it
-is CUDA-only (the decode sequence is checked on the CPU against a model of ``prmt``).
+is CUDA-only (on the CPU the tests run the whole kernel with a model of its PTX).
 """
 from __future__ import annotations
 
@@ -473,11 +478,10 @@ def matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, config
     the program's K range; at most 8), ``ROWS`` (weight rows per program: 16, or 8 for twice the
     programs, each leaving the mma's rows 8-15 empty), ``SPLIT`` (programs along K, their fp32
     partials added after), ``TABLE`` (decode through the shared pair table rather than in
-    registers), ``DEPTH``
-    (segments whose weight loads each warp keeps in flight), ``X_AHEAD`` (load activations one
-    segment ahead rather than at use), ``SHARED_SCALES`` (decode the program's block scales
-    once into shared memory rather than per segment) and ``STEADY`` (run the steps where every
-    warp's segment is whole and in range without masks).
+    registers), ``DEPTH`` (segments whose weight loads each warp keeps in flight), ``X_AHEAD``
+    (load activations one segment ahead rather than at use), ``SHARED_SCALES`` (decode the
+    program's block scales once into shared memory rather than per segment) and ``STEADY`` (run
+    the steps where every warp's segment is whole and in range without masks).
     """
     m, k = x.shape
     if x.stride(0) != k or x.stride(1) != 1 or x.data_ptr() % ALIGNMENT:

@@ -14,13 +14,13 @@ entries at M=4096; ``kernels-skinny-trials-h100.json`` and ``kernels-mma-m1-h100
 them, and ``kernels-rows8-h100.json`` (8-row programs against the plan of the time, alternating
 rounds from HBM, 3 rounds; ``kernels-rows8b-h100.json`` the same at 2-8 rows) and
 ``kernels-steady-lab-h100.json`` (the unmasked steady loop against the masked one, the same way)
-for the rows that name them. Kinds: ``gemv1`` (persistent
-one-row GEMV), ``gemv`` (CUDA-core GEMV), ``mma`` (``skinny``: up to 16 rows, the weight decoded
-in registers, or with ``TABLE`` through a shared pair table, for tensor-core ``mma.sync``;
-``DEPTH`` segments fetched ahead, activations at use unless ``X_AHEAD``, block scales from a
-per-program shared table with ``SHARED_SCALES``, ``rows=8`` for programs of 8 weight rows, twice
-as many, ``steady`` for no masks where segments are whole), ``fused`` (dequantize tiles into ``tl.dot``), ``chunked`` (dequantize into a scratch buffer + cuBLAS; the
-value is the chunk size in elements, ``None`` for the whole weight at once), ``overlap`` (chunks
+for the rows that name them. Kinds: ``gemv1`` (persistent one-row GEMV), ``gemv`` (CUDA-core
+GEMV), ``mma`` (``skinny``: up to 16 rows, the weight decoded in registers, or with ``TABLE``
+through a shared pair table, for tensor-core ``mma.sync``; ``DEPTH`` segments fetched ahead,
+activations at use unless ``X_AHEAD``, block scales from a per-program shared table with
+``SHARED_SCALES``, ``rows=8`` for programs of 8 weight rows, twice as many, ``steady`` for no
+masks where segments are whole), ``fused`` (dequantize tiles into ``tl.dot``), ``chunked``
+(dequantize into a scratch buffer + cuBLAS; the value is the chunk size in elements, ``None`` for the whole weight at once), ``overlap`` (chunks
 as ``chunked``, the next one dequantized on a side stream during the current GEMM). The comments
 give the measured time, for some rows against the config it replaced in the same run.
 """
