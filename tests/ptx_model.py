@@ -92,6 +92,8 @@ class PTXModel:
                 return regs[name]
             if name in self.symbols:
                 return np.full(count, self.symbols[name], dtype=np.uint32)
+            if name.startswith("0f"):  # a float immediate as its bits
+                return np.full(count, int(name[2:], 16), dtype=np.uint32)
             return np.full(count, int(name, 0) & 0xFFFFFFFF, dtype=np.uint32)
 
         def write(name: str, value: np.ndarray) -> None:
@@ -146,6 +148,9 @@ class PTXModel:
                 dtype = _BF16 if op.endswith("bf16x2") else _F16
                 (al, ah), (bl, bh), (cl, ch) = (_halves(read(x), dtype) for x in args[1:])
                 write(args[0], _pack(al * bl + cl, ah * bh + ch, dtype))
+            elif op == "fma.rn.f32":
+                a, b, c = (_f32(read(x)).astype(np.float64) for x in args[1:])
+                write(args[0], (a * b + c).astype(np.float32).view(np.uint32))  # the product exact in fp64
             elif op.startswith("mma.sync.aligned.m16n8k16.row.col.f32."):
                 dtype = _BF16 if ".bf16.bf16." in op else _F16
                 d = vector(args[0])

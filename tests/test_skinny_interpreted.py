@@ -1,9 +1,9 @@
 """The tensor-core skinny kernel, whole, on the CPU: Triton's interpreter runs its Triton code and
-``tests/ptx_model.py`` its inline PTX (decode, shared tables, ``mma``), against the torch
-reference in fp32. Covers what only a GPU run covered before: partial segments and row groups,
-split K, one to eight warps, 16- and 8-row programs, masked and steady loops, every decode and
-queue variant, with and without bias, fp16 and bf16 (the kernel does no bf16 arithmetic in
-Triton, which the interpreter gets wrong; the PTX model rounds through torch).
+``tests/ptx_model.py`` its inline PTX (decode, shared tables, ``mma``), against the torch reference
+in fp32. Covers what only a GPU run covered before: partial segments and row groups, split K, one to
+eight warps, 16- and 8-row programs, masked and steady loops, scaling before and after the mma,
+every decode and queue variant, with and without bias, fp16 and bf16 (the kernel does no bf16
+arithmetic in Triton, which the interpreter gets wrong; the PTX model rounds through torch).
 """
 from __future__ import annotations
 
@@ -50,9 +50,10 @@ else:
             for i, (table, (depth, ahead), shared) in enumerate(variants):
                 config, with_bias = LAUNCHES[(i + i // 4 + m) % len(LAUNCHES)]
                 rows = 8 if (i + m) % 3 == 0 else 16  # a third of the variants with 8-row programs
-                steady = (i + m) % 2 == 0  # half with the unmasked steady loop
+                steady = (i // 2 + m) % 2 == 0  # half with the unmasked steady loop, with and without shared scales
+                late = not shared and (i // 4 + m) % 2 == 0  # half the rest scale after the mma
                 config = dict(config, TABLE=table, DEPTH=depth, X_AHEAD=ahead, SHARED_SCALES=shared, ROWS=rows,
-                              STEADY=steady)
+                              STEADY=steady, LATE_SCALE=late)
                 b = bias if with_bias else None
                 out = skinny.matmul(x, weight, b, config)
                 expect = x.float() @ ref.t() + (b.float() if b is not None else 0)

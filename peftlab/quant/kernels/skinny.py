@@ -25,7 +25,12 @@ memory leaves room for one program fewer per SM).
 With ``ROWS=8`` a program takes 8 weight rows and leaves the mma's rows 8-15 empty: twice the
 programs for weights with few rows (4096×4096 at 1-4 activation rows). With ``STEADY`` the steps
 in which every warp's segment is whole and in range load without masks (rows past N and tokens
-past M clamped, never stored); only the last steps mask.
+past M clamped, never stored); only the last steps mask. With ``LATE_SCALE`` (blocks of 64 or
+more) the codes enter the mma unscaled and each block's sum is scaled once, in fp32: the k-steps
+of one block accumulate into zeroed partials that one ``fma`` per accumulator adds in, 2-4 per
+block instead of 8-16 ``bf16x2`` multiplies, and the products are no longer rounded to bf16. For
+64-code blocks a thread then loads 8 bytes from each half of the segment (columns ``16c ..`` and
+``64 + 16c ..``) rather than 16 contiguous, so that the four lanes of every k-step share a block.
 
 Against the CUDA-core GEMVs there are no codebook gathers through L1 and no per-element FMA
 (about five instructions per weight in the compiled loop, two of them ``prmt``), and the
@@ -97,30 +102,39 @@ def _format(ops: list[tuple], names: dict) -> str:
 
 
 @functools.cache  # asked on every launch; the same string object keeps Triton's key hashing cheap
-def segment_asm(kind: str, tiles: int, table: bool, shared_scales: bool, rows: int = 16) -> str:
+def segment_asm(kind: str, tiles: int, table: bool, shared_scales: bool, rows: int = 16, groups: int = 0) -> str:
     """PTX for one 128-column segment: decode rows g and g + 8, scale, 8 k-steps of mma per tile.
-    With ``rows=8`` only row g is decoded and the A fragments of rows 8-15 stay zero.
+    With ``rows=8`` only row g is decoded and the A fragments of rows 8-15 stay zero. With
+    ``groups`` (1 or 2) the decoded codes go into the mma unscaled: each group of ``8 // groups``
+    k-steps (one quantization block) sums into zeroed partials, which one fp32 ``fma`` per
+    accumulator then scales into the running sums; ``groups=0`` scales the pairs before the mma.
 
     Operands (``pack=2``): outputs are ``tiles`` x (row g, row g + 8) fp32 accumulator pairs;
     inputs the packed words of row g and of row g + 8 (2 x int64 each), the activations (per tile
     8 x int64, k-step j in operand j), the byte planes (8 x b32; with ``table``, the lane's table
-    address in the first, the rest unused), the two rows' block scales (fp32; with
-    ``shared_scales``, the address of their pair in ``_fill_scales``' table, in both operands) and
-    the accumulators again.
+    address in the first, the rest unused), the two rows' block scales (fp32, per group with
+    ``groups``; with ``shared_scales``, the address of their pair in ``_fill_scales``' table, in
+    both operands) and the accumulators again.
     """
     words, acts = 4 * tiles, 4 * tiles + 4
     decode = acts + 8 * tiles
-    scale, acc = decode + 8, decode + 10
+    scale = decode + 8
+    acc = scale + 2 * max(groups, 1)
     planes = {name: f"${decode + i}" for i, name in enumerate(_TABLE)}
     decoded = "gh" if rows == 16 else "g"
     selectors = ", ".join(f"{row}{name}{upper}" for row in "gh" for name in ("i3", "sl") for upper in ("", "u"))
+    partials = "".join(f", p{i}" for i in range(4 * tiles)) + ", z" if groups else ""
     lines = [f"{{ .reg .b32 wg<4>, wh<4>, t, t<4>, {selectors}, la, lb, L, ha, hb, H, b0, b1, a<4>, sg, sh, nz;",
-             ".reg .f32 " + ", ".join(f"d{i}" for i in range(4 * tiles)) + ";",
+             ".reg .f32 " + ", ".join(f"d{i}" for i in range(4 * tiles)) + partials + ";",
              f"mov.b64 {{wg0, wg1}}, ${words}; mov.b64 {{wg2, wg3}}, ${words + 1};",
              f"mov.b64 {{wh0, wh1}}, ${words + 2}; mov.b64 {{wh2, wh3}}, ${words + 3}; mov.b32 nz, 0x80008000;",
-             f"ld.shared.v2.b32 {{sg, sh}}, [${scale}];" if shared_scales else
-             f"cvt.rn.{kind}x2.f32 sg, ${scale}, ${scale}; cvt.rn.{kind}x2.f32 sh, ${scale + 1}, ${scale + 1};",
              " ".join(f"mov.f32 d{i}, ${acc + i};" for i in range(4 * tiles))]
+    if groups:
+        lines.append("mov.f32 z, 0f00000000;")
+    elif shared_scales:
+        lines.append(f"ld.shared.v2.b32 {{sg, sh}}, [${scale}];")
+    else:
+        lines.append(f"cvt.rn.{kind}x2.f32 sg, ${scale}, ${scale}; cvt.rn.{kind}x2.f32 sh, ${scale + 1}, ${scale + 1};")
     if rows == 8:
         lines.append("mov.b32 a1, 0; mov.b32 a3, 0;")
     for w in range(4):
@@ -137,22 +151,29 @@ def segment_asm(kind: str, tiles: int, table: bool, shared_scales: bool, rows: i
                     lines.append(_format(ops, {}))
                 else:
                     lines.append(_format(lookup_ops(f"{row}i3{upper}", f"{row}sl{upper}", first, second), planes))
-            # -0.0 as the addend: one rounding, signed zeros kept (fma has bf16x2 from sm_80 on)
-            lines.append(f"fma.rn.{kind}x2 a0, a0, sg, nz; fma.rn.{kind}x2 a2, a2, sg, nz;"
-                         + (f" fma.rn.{kind}x2 a1, a1, sh, nz; fma.rn.{kind}x2 a3, a3, sh, nz;" if rows == 16 else ""))
+            if not groups:
+                # -0.0 as the addend: one rounding, signed zeros kept (fma has bf16x2 from sm_80 on)
+                high = f" fma.rn.{kind}x2 a1, a1, sh, nz; fma.rn.{kind}x2 a3, a3, sh, nz;" if rows == 16 else ""
+                lines.append(f"fma.rn.{kind}x2 a0, a0, sg, nz; fma.rn.{kind}x2 a2, a2, sg, nz;" + high)
+            group, at = divmod(step, 8 // max(groups, 1))
             for tile in range(tiles):
-                d = ", ".join(f"d{4 * tile + i}" for i in range(4))
+                d = ", ".join(f"{'p' if groups else 'd'}{4 * tile + i}" for i in range(4))
+                c = "z, z, z, z" if groups and at == 0 else d
                 lines.append(f"mov.b64 {{b0, b1}}, ${acts + 8 * tile + step}; "
                              f"mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32 "
-                             f"{{{d}}}, {{a0, a1, a2, a3}}, {{b0, b1}}, {{{d}}};")
+                             f"{{{d}}}, {{a0, a1, a2, a3}}, {{b0, b1}}, {{{c}}};")
+                if groups and at == 8 // groups - 1:  # the group's block is summed: scale it in
+                    scaled = range(4) if rows == 16 else range(2)  # rows 8-15 of 8-row programs are empty
+                    lines.append(" ".join(f"fma.rn.f32 d{4 * tile + i}, p{4 * tile + i}, "
+                                          f"${scale + 2 * group + i // 2}, d{4 * tile + i};" for i in scaled))
     lines.append(" ".join(f"mov.f32 ${i}, d{i};" for i in range(4 * tiles)) + " }")
     return "\n".join(lines)
 
 
 @functools.cache
-def segment_constraints(tiles: int, shared_scales: bool) -> str:
+def segment_constraints(tiles: int, shared_scales: bool, groups: int = 0) -> str:
     """The operand constraints of ``segment_asm``."""
-    scales = ["r"] * 2 if shared_scales else ["f"] * 2
+    scales = ["r"] * 2 if shared_scales else ["f"] * 2 * max(groups, 1)
     return ",".join(["=f"] * (4 * tiles) + ["l"] * (4 + 8 * tiles) + ["r"] * 8 + scales + ["f"] * (4 * tiles))
 
 
@@ -235,75 +256,129 @@ def _fill_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, seg0, s
 
 
 @triton.jit
-def _activations(x_ptr, first, ok):
-    """A tile's B fragments for one segment: int64 ``first + 2p + e`` (4 activations) is k-step 2p + e;
-    ``ok=None`` loads without a mask."""
+def _pair(ptr, first, second, mask_first, mask_second):
+    """Loads ``ptr + first`` and ``ptr + second`` ([R, 1] each) as one [R, 2] tensor whose two
+    elements sit on one thread, the layout the segment PTX needs (joined, so that it holds
+    whether or not the two addresses are adjacent); a ``None`` mask loads without one."""
+    if mask_first is None:
+        pair = tl.join(tl.load(ptr + first), tl.load(ptr + second))
+    else:
+        pair = tl.join(tl.load(ptr + first, mask=mask_first, other=0), tl.load(ptr + second, mask=mask_second, other=0))
+    return tl.reshape(pair, (first.shape[0], 2))
+
+
+@triton.jit
+def _activations(x_ptr, lower, upper, ok, ok_upper):
+    """A tile's B fragments for one segment: int64 ``lower + 2p + e`` (4 activations) is k-step
+    2p + e for p = 0, 1, and ``upper + 2(p - 2) + e`` for p = 2, 3 (masked by ``ok_upper``);
+    ``ok=None`` loads without masks."""
     e = tl.arange(0, 2)[None, :]
     if ok is None:
-        out = (tl.load(x_ptr + first + e), tl.load(x_ptr + first + 2 + e), tl.load(x_ptr + first + 4 + e),
-               tl.load(x_ptr + first + 6 + e))
+        out = (tl.load(x_ptr + lower + e), tl.load(x_ptr + lower + 2 + e), tl.load(x_ptr + upper + e),
+               tl.load(x_ptr + upper + 2 + e))
     else:
-        out = (tl.load(x_ptr + first + e, mask=ok, other=0), tl.load(x_ptr + first + 2 + e, mask=ok, other=0),
-               tl.load(x_ptr + first + 4 + e, mask=ok, other=0), tl.load(x_ptr + first + 6 + e, mask=ok, other=0))
+        out = (tl.load(x_ptr + lower + e, mask=ok, other=0), tl.load(x_ptr + lower + 2 + e, mask=ok, other=0),
+               tl.load(x_ptr + upper + e, mask=ok_upper, other=0),
+               tl.load(x_ptr + upper + 2 + e, mask=ok_upper, other=0))
     return out
 
 
 @triton.jit
 def _fetch_weights(packed_ptr, absmax_ptr, nested_absmax_ptr, seg, seg_end, c, row, row_end, K, KB,
                    BS: tl.constexpr, NESTED: tl.constexpr, SHARED_SCALES: tl.constexpr, ROWS: tl.constexpr,
-                   MASKED: tl.constexpr):
+                   MASKED: tl.constexpr, GROUPS: tl.constexpr):
     """One segment's weight loads: the packed words of rows g and g + 8 (16 bytes each; of row g
     alone with 8 rows per program) and, unless the scales come from shared memory, their
-    block-scale bytes. MASKED: anything past the segment range, K or the program's rows reads as
-    0. Otherwise no masks: rows past the program's end read its last row and columns past the
-    row end its last 32 codes, which meet zero activations or land in outputs never stored."""
-    # Offsets are written so that the compiler can prove 16-byte alignment (rows of KB * BS codes,
-    # BS >= 32): every pair then is one vector load held by one thread, the layout the PTX needs.
+    block-scale bytes (with GROUPS, per group: the blocks of columns 0-63 and 64-127). MASKED:
+    anything past the segment range, K or the program's rows reads as 0. Otherwise no masks: rows
+    past the program's end read its last row and columns past the row end its last codes, which
+    meet zero activations or land in outputs never stored.
+
+    A thread's 32 codes are columns ``32c .. 32c + 31`` of the segment, or with ``GROUPS == 2``
+    (one 64-column block per group) columns ``16c .. 16c + 15`` of each half, so that the four
+    lanes of a k-step read one block."""
+    # Contiguous pairs' offsets are written so that the compiler can prove 16-byte alignment (rows
+    # of KB * BS codes, BS >= 32): every pair then is one vector load held by one thread, the layout
+    # the PTX needs. The two halves of GROUPS == 2 are joined instead (``_pair``).
     e = tl.arange(0, 2)[None, :]
-    k0 = seg * 128 + 32 * c  # [R, 1]: the thread's first column in this segment
     row_words = KB * (BS // 16)  # int64 per weight row
     rows = row + 8 * e
-    if MASKED:
-        ok = (seg < seg_end) & (k0 < K)
-        word = row.to(tl.int64) * row_words + (seg * 8 + 2 * c) + e
-        wg = tl.load(packed_ptr + word, mask=ok & (row < row_end), other=0)
-        wh = tl.zeros_like(wg)  # with 8 rows per program, rows g + 8 are the next program's
-        if ROWS == 16:
-            wh = tl.load(packed_ptr + word + 8 * row_words, mask=ok & (row + 8 < row_end), other=0)
-        blocks, ok = rows * KB + k0 // BS, ok & (rows < row_end)
+    if GROUPS == 2:
+        k0 = seg * 128 + 0 * c  # [R, 1]: the segment's first column; the second block's is k0 + 64
+        if MASKED:
+            ok, ok_upper = (seg < seg_end) & (k0 < K), (seg < seg_end) & (k0 + 64 < K)
+            word = row.to(tl.int64) * row_words + (seg * 8 + c)
+            wg = _pair(packed_ptr, word, word + 4, ok & (row < row_end), ok_upper & (row < row_end))
+            wh = tl.zeros_like(wg)  # with 8 rows per program, rows g + 8 are the next program's
+            if ROWS == 16:
+                wh = _pair(packed_ptr, word + 8 * row_words, word + 8 * row_words + 4, ok & (row + 8 < row_end),
+                           ok_upper & (row + 8 < row_end))
+        else:  # each half clamped to the row's last word
+            lower, upper = tl.minimum(seg * 8 + c, row_words - 1), tl.minimum(seg * 8 + 4 + c, row_words - 1)
+            word = tl.minimum(row, row_end - 1).to(tl.int64) * row_words
+            wg = _pair(packed_ptr, word + lower, word + upper, None, None)
+            wh = tl.zeros_like(wg)
+            if ROWS == 16:
+                word = tl.minimum(row + 8, row_end - 1).to(tl.int64) * row_words
+                wh = _pair(packed_ptr, word + lower, word + upper, None, None)
     else:
-        col = tl.minimum(seg * 8 + 2 * c, row_words - 2) + e
-        wg = tl.load(packed_ptr + (tl.minimum(row, row_end - 1).to(tl.int64) * row_words + col))
-        wh = tl.zeros_like(wg)
-        if ROWS == 16:
-            wh = tl.load(packed_ptr + (tl.minimum(row + 8, row_end - 1).to(tl.int64) * row_words + col))
-        blocks, ok = tl.minimum(rows, row_end - 1) * KB + tl.minimum(k0 // BS, KB - 1), None
-    if SHARED_SCALES:
-        loads = (wg, wh)
-    else:
-        loads = (wg, wh) + scale_bytes(absmax_ptr, nested_absmax_ptr, blocks, ok, NESTED)
+        k0 = seg * 128 + 32 * c  # [R, 1]: the thread's first column in this segment
+        if MASKED:
+            ok = (seg < seg_end) & (k0 < K)
+            word = row.to(tl.int64) * row_words + (seg * 8 + 2 * c) + e
+            wg = tl.load(packed_ptr + word, mask=ok & (row < row_end), other=0)
+            wh = tl.zeros_like(wg)  # with 8 rows per program, rows g + 8 are the next program's
+            if ROWS == 16:
+                wh = tl.load(packed_ptr + word + 8 * row_words, mask=ok & (row + 8 < row_end), other=0)
+        else:
+            col = tl.minimum(seg * 8 + 2 * c, row_words - 2) + e
+            wg = tl.load(packed_ptr + (tl.minimum(row, row_end - 1).to(tl.int64) * row_words + col))
+            wh = tl.zeros_like(wg)
+            if ROWS == 16:
+                wh = tl.load(packed_ptr + (tl.minimum(row + 8, row_end - 1).to(tl.int64) * row_words + col))
+    loads = (wg, wh)
+    if not SHARED_SCALES:
+        for group in tl.static_range(max(GROUPS, 1)):
+            if MASKED:
+                blocks = rows * KB + (k0 + 64 * group) // BS
+                ok_block = (seg < seg_end) & (k0 + 64 * group < K) & (rows < row_end)
+            else:
+                blocks = tl.minimum(rows, row_end - 1) * KB + tl.minimum((k0 + 64 * group) // BS, KB - 1)
+                ok_block = None
+            loads = loads + scale_bytes(absmax_ptr, nested_absmax_ptr, blocks, ok_block, NESTED)
     return loads
 
 
 @triton.jit
 def _fetch_activations(x_ptr, seg, seg_end, c, row, M, K, KB, BS: tl.constexpr, TILES: tl.constexpr,
-                       MASKED: tl.constexpr):
-    """One segment's B fragments, per tile four int64 pairs (see ``_activations``). MASKED zeroes
-    columns past the segment range or K and rows past M; otherwise rows past M read row M - 1
-    (outputs never stored) and columns past K the row's last 32 (meeting weights never used)."""
+                       MASKED: tl.constexpr, GROUPS: tl.constexpr):
+    """One segment's B fragments, per tile four int64 pairs (see ``_activations``), for the
+    thread's columns (see ``_fetch_weights``). MASKED zeroes columns past the segment range or K
+    and rows past M; otherwise rows past M read row M - 1 (outputs never stored) and columns past
+    K the row's last ones (meeting weights never used)."""
     token = row % 8  # B column n = g: activation row g (tile 0), g + 8 (tile 1)
     x_row = KB * (BS // 4)  # int64 per activation row (dense rows)
-    if MASKED:
-        ok = (seg < seg_end) & (seg * 128 + 32 * c < K)
-        x = token.to(tl.int64) * x_row + (seg * 32 + 8 * c)
-        x0, x1, x2, x3 = _activations(x_ptr, x, ok & (token < M))
-        if TILES == 2:
-            y0, y1, y2, y3 = _activations(x_ptr, x + 8 * x_row, ok & (token + 8 < M))
+    # the thread's first columns for k-steps 0-3 and 4-7 (see _fetch_weights)
+    if GROUPS == 2:
+        lower, upper = seg * 128 + 16 * c, seg * 128 + 64 + 16 * c
     else:
-        col = tl.minimum(seg * 32 + 8 * c, x_row - 8)
-        x0, x1, x2, x3 = _activations(x_ptr, tl.minimum(token, M - 1).to(tl.int64) * x_row + col, None)
+        lower = seg * 128 + 32 * c
+        upper = lower + 16
+    if MASKED:
+        ok, ok_upper = (seg < seg_end) & (lower < K), (seg < seg_end) & (upper < K)
+        x = token.to(tl.int64) * x_row
+        x0, x1, x2, x3 = _activations(x_ptr, x + lower // 4, x + upper // 4, ok & (token < M), ok_upper & (token < M))
         if TILES == 2:
-            y0, y1, y2, y3 = _activations(x_ptr, tl.minimum(token + 8, M - 1).to(tl.int64) * x_row + col, None)
+            y = x + 8 * x_row
+            y0, y1, y2, y3 = _activations(x_ptr, y + lower // 4, y + upper // 4, ok & (token + 8 < M),
+                                          ok_upper & (token + 8 < M))
+    else:  # each half clamped to the row's last 16 activations
+        lower, upper = tl.minimum(lower // 4, x_row - 4), tl.minimum(upper // 4, x_row - 4)
+        x = tl.minimum(token, M - 1).to(tl.int64) * x_row
+        x0, x1, x2, x3 = _activations(x_ptr, x + lower, x + upper, None, None)
+        if TILES == 2:
+            y = tl.minimum(token + 8, M - 1).to(tl.int64) * x_row
+            y0, y1, y2, y3 = _activations(x_ptr, y + lower, y + upper, None, None)
     if TILES == 1:
         y0, y1, y2, y3 = x0, x1, x2, x3
     return x0, x1, x2, x3, y0, y1, y2, y3
@@ -329,45 +404,53 @@ def _segment(queue, acts, accs, slot: tl.constexpr, MASKED: tl.constexpr, seg, s
              x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, planes, scales, blk0, zero,
              BS: tl.constexpr, NW: tl.constexpr, TILES: tl.constexpr, NESTED: tl.constexpr, DEPTH: tl.constexpr,
              X_AHEAD: tl.constexpr, SHARED_SCALES: tl.constexpr, STEADY: tl.constexpr, ROWS: tl.constexpr,
-             SEGMENT_ASM: tl.constexpr, CONSTRAINTS: tl.constexpr):
+             GROUPS: tl.constexpr, SEGMENT_ASM: tl.constexpr, CONSTRAINTS: tl.constexpr):
     """One step of a warp's chain: segment ``seg`` from queue slot ``slot``, whose loads are then
     reissued DEPTH segments ahead. MASKED (any segment past the range or K): masked loads, the
     queue rotated, activations at use after a steady phase (its prefetches read past the range
     unmasked, and only zero activations cancel those weights). Returns (queue, acts, accs)."""
-    WORDS: tl.constexpr = 2 if SHARED_SCALES else 4  # tensors per queued segment
+    WORDS: tl.constexpr = 2 if SHARED_SCALES else 2 + 2 * max(GROUPS, 1)  # tensors per queued segment
     wg, wh = queue[slot * WORDS], queue[slot * WORDS + 1]
     if SHARED_SCALES:  # the lane's block in the table (block 0's entry past the range: x is 0 there)
         block = (seg * 128 + 32 * c) // BS - blk0
         if MASKED:
             block = tl.where(seg < seg_end, block, 0)
-        scale = zero + (scales + (block * 8 + (r % 32) // 4) * 8)
+        scale = (zero + (scales + (block * 8 + (r % 32) // 4) * 8),)
     else:
-        ok = None
-        if MASKED:
-            ok = (seg < seg_end) & (seg * 128 + 32 * c < K) & (row + 8 * tl.arange(0, 2)[None, :] < row_end)
-        scale = decode_scales(nested_code_ptr, offset, queue[slot * WORDS + 2], queue[slot * WORDS + 3], ok, NESTED)
+        scale = ()
+        for group in tl.static_range(max(GROUPS, 1)):
+            ok = None
+            if MASKED:
+                first = seg * 128 + (64 * group if GROUPS == 2 else 32 * c)
+                ok = (seg < seg_end) & (first < K) & (row + 8 * tl.arange(0, 2)[None, :] < row_end)
+            scale = scale + (decode_scales(nested_code_ptr, offset, queue[slot * WORDS + 2 + 2 * group],
+                                           queue[slot * WORDS + 3 + 2 * group], ok, NESTED),)
     # From HBM each warp's chain of segments is bound by load latency: DEPTH stay in flight.
     ahead = _fetch_weights(packed_ptr, absmax_ptr, nested_absmax_ptr, seg + DEPTH * NW, seg_end, c, row, row_end, K, KB,
-                           BS, NESTED, SHARED_SCALES, ROWS, MASKED)
+                           BS, NESTED, SHARED_SCALES, ROWS, MASKED, GROUPS)
     if MASKED:
         queue = queue[WORDS:] + ahead
     else:
         queue = queue[:slot * WORDS] + ahead + queue[(slot + 1) * WORDS:]
     if X_AHEAD and not (MASKED and STEADY):
         x0, x1, x2, x3, y0, y1, y2, y3 = acts
-        acts = _fetch_activations(x_ptr, seg + NW, seg_end, c, row, M, K, KB, BS, TILES, MASKED)
+        acts = _fetch_activations(x_ptr, seg + NW, seg_end, c, row, M, K, KB, BS, TILES, MASKED, GROUPS)
     else:
-        x0, x1, x2, x3, y0, y1, y2, y3 = _fetch_activations(x_ptr, seg, seg_end, c, row, M, K, KB, BS, TILES, MASKED)
+        x0, x1, x2, x3, y0, y1, y2, y3 = _fetch_activations(x_ptr, seg, seg_end, c, row, M, K, KB, BS, TILES, MASKED,
+                                                            GROUPS)
     low01, low23, high01, high23 = planes
     acc_g0, acc_h0, acc_g1, acc_h1 = accs
+    operands = (wg, wh, x0, x1, x2, x3)
+    if TILES == 2:
+        operands = operands + (y0, y1, y2, y3)
+    operands = operands + (low01, low23, high01, high23) + scale
     if TILES == 1:
-        acc_g0, acc_h0 = tl.inline_asm_elementwise(
-            SEGMENT_ASM, CONSTRAINTS, [wg, wh, x0, x1, x2, x3, low01, low23, high01, high23, scale, acc_g0, acc_h0],
-            dtype=(tl.float32,) * 2, is_pure=True, pack=2)
+        acc_g0, acc_h0 = tl.inline_asm_elementwise(SEGMENT_ASM, CONSTRAINTS, operands + (acc_g0, acc_h0),
+                                                   dtype=(tl.float32,) * 2, is_pure=True, pack=2)
     else:
         acc_g0, acc_h0, acc_g1, acc_h1 = tl.inline_asm_elementwise(
-            SEGMENT_ASM, CONSTRAINTS, [wg, wh, x0, x1, x2, x3, y0, y1, y2, y3, low01, low23, high01, high23, scale,
-                                       acc_g0, acc_h0, acc_g1, acc_h1], dtype=(tl.float32,) * 4, is_pure=True, pack=2)
+            SEGMENT_ASM, CONSTRAINTS, operands + (acc_g0, acc_h0, acc_g1, acc_h1), dtype=(tl.float32,) * 4,
+            is_pure=True, pack=2)
     return queue, acts, (acc_g0, acc_h0, acc_g1, acc_h1)
 
 
@@ -378,7 +461,7 @@ def _skinny_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, n
                    HAS_BIAS: tl.constexpr, NESTED: tl.constexpr, F16: tl.constexpr, TABLE: tl.constexpr,
                    DEPTH: tl.constexpr, X_AHEAD: tl.constexpr, SHARED_SCALES: tl.constexpr, SCALE_BLOCKS: tl.constexpr,
                    SCALE_DECL: tl.constexpr, SEGMENT_ASM: tl.constexpr, CONSTRAINTS: tl.constexpr,
-                   ROWS: tl.constexpr, STEADY: tl.constexpr):
+                   ROWS: tl.constexpr, STEADY: tl.constexpr, GROUPS: tl.constexpr):
     # x_ptr and packed_ptr are int64 views (4 activations, 16 codes). A thread's tensors are
     # [NW * 32, 2], row r on lane r % 32 of warp r // 32 (the layout the PTX relies on), a pair per
     # thread: element e of the scales is weight row g + 8e's, of an accumulator activation row 2c + e.
@@ -396,13 +479,13 @@ def _skinny_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, n
     # read by every warp and so mostly L1 hits, are loaded X_AHEAD (0 or 1) segments ahead.
     seg = seg0 + warp
     queue = _fetch_weights(packed_ptr, absmax_ptr, nested_absmax_ptr, seg, seg_end, c, row, row_end, K, KB, BS, NESTED,
-                           SHARED_SCALES, ROWS, True)
+                           SHARED_SCALES, ROWS, True, GROUPS)
     for j in tl.static_range(1, DEPTH):
         queue = queue + _fetch_weights(packed_ptr, absmax_ptr, nested_absmax_ptr, seg + j * NW, seg_end, c, row, row_end,
-                                       K, KB, BS, NESTED, SHARED_SCALES, ROWS, True)
+                                       K, KB, BS, NESTED, SHARED_SCALES, ROWS, True, GROUPS)
     acts = zero  # unused without X_AHEAD
     if X_AHEAD:
-        acts = _fetch_activations(x_ptr, seg, seg_end, c, row, M, K, KB, BS, TILES, True)
+        acts = _fetch_activations(x_ptr, seg, seg_end, c, row, M, K, KB, BS, TILES, True, GROUPS)
     scales, blk0 = zero, 0
     if SHARED_SCALES:
         scales = _fill_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, seg0, seg_end, row_end, KB, BS,
@@ -429,13 +512,13 @@ def _skinny_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, n
                 queue, acts, accs = _segment(queue, acts, accs, slot, False, seg, seg_end, c, r, row, row_end, M, K, KB,
                                              x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
                                              planes, scales, blk0, zero, BS, NW, TILES, NESTED, DEPTH, X_AHEAD,
-                                             SHARED_SCALES, STEADY, ROWS, SEGMENT_ASM, CONSTRAINTS)
+                                             SHARED_SCALES, STEADY, ROWS, GROUPS, SEGMENT_ASM, CONSTRAINTS)
                 seg += NW
     for _ in range(steady * DEPTH, (seg_end - seg0 + NW - 1) // NW):
         queue, acts, accs = _segment(queue, acts, accs, 0, True, seg, seg_end, c, r, row, row_end, M, K, KB,
                                      x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
                                      planes, scales, blk0, zero, BS, NW, TILES, NESTED, DEPTH, X_AHEAD,
-                                     SHARED_SCALES, STEADY, ROWS, SEGMENT_ASM, CONSTRAINTS)
+                                     SHARED_SCALES, STEADY, ROWS, GROUPS, SEGMENT_ASM, CONSTRAINTS)
         seg += NW
     acc_g0, acc_h0, acc_g1, acc_h1 = accs
     # Lane (g, c) of an accumulator holds weight row g (or g + 8), activation rows 2c + e (+ 8).
@@ -463,6 +546,12 @@ def _has_bf16_mma(device: torch.device) -> bool:
 ALIGNMENT = 16
 
 
+def late_scale_groups(blocksize: int) -> int:
+    """Scale groups per segment with ``LATE_SCALE``: two 64-column blocks, one block of 128 or more
+    columns, 0 (scale before the mma) for 32-column blocks, which would split a k-step's lanes."""
+    return 2 if blocksize == 64 else 1 if blocksize >= 128 else 0
+
+
 def supports(x: torch.Tensor, weight: NF4Weight) -> bool:
     """Whether :func:`matmul` runs ``x [m, k]`` here: CUDA sm_80+, bf16/fp16, m <= 16, whole
     blocks of at least 32 per row, packed codes 16-byte aligned."""
@@ -480,8 +569,10 @@ def matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, config
     partials added after), ``TABLE`` (decode through the shared pair table rather than in
     registers), ``DEPTH`` (segments whose weight loads each warp keeps in flight), ``X_AHEAD``
     (load activations one segment ahead rather than at use), ``SHARED_SCALES`` (decode the
-    program's block scales once into shared memory rather than per segment) and ``STEADY`` (run
-    the steps where every warp's segment is whole and in range without masks).
+    program's block scales once into shared memory rather than per segment), ``STEADY`` (run
+    the steps where every warp's segment is whole and in range without masks) and ``LATE_SCALE``
+    (scale each block's fp32 mma sums rather than the decoded codes; not with ``SHARED_SCALES``,
+    and ignored for 32-code blocks).
     """
     m, k = x.shape
     if x.stride(0) != k or x.stride(1) != 1 or x.data_ptr() % ALIGNMENT:
@@ -492,6 +583,9 @@ def matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, config
     split = triton.cdiv(segments, per_split)
     tiles, table, shared = 1 if m <= 8 else 2, config.get("TABLE", False), config.get("SHARED_SCALES", False)
     rows = config.get("ROWS", 16)
+    groups = late_scale_groups(weight.blocksize) if config.get("LATE_SCALE", False) else 0
+    if groups and shared:
+        raise ValueError("skinny config: LATE_SCALE and SHARED_SCALES cannot be combined; set one of them to False")
     blocks = scale_blocks(per_split, weight.blocksize) if shared else 1
     target = out if split == 1 else torch.empty(split, m, weight.n, dtype=torch.float32, device=x.device)
     _skinny_kernel[(triton.cdiv(weight.n, rows), split)](
@@ -501,7 +595,8 @@ def matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, config
         NESTED=weight.nested, F16=x.dtype == torch.float16, TABLE=table, DEPTH=config.get("DEPTH", 1),
         X_AHEAD=config.get("X_AHEAD", True), SHARED_SCALES=shared, SCALE_BLOCKS=triton.next_power_of_2(blocks),
         SCALE_DECL=scale_table_decl(blocks) if shared else "",
-        SEGMENT_ASM=segment_asm("f16" if x.dtype == torch.float16 else "bf16", tiles, table, shared, rows),
-        CONSTRAINTS=segment_constraints(tiles, shared), ROWS=rows, STEADY=config.get("STEADY", False),
+        SEGMENT_ASM=segment_asm("f16" if x.dtype == torch.float16 else "bf16", tiles, table, shared, rows, groups),
+        CONSTRAINTS=segment_constraints(tiles, shared, groups), ROWS=rows, STEADY=config.get("STEADY", False),
+        GROUPS=groups,
         num_warps=config["num_warps"])
     return out if split == 1 else finish_split_k(target, bias, out, split)

@@ -1,28 +1,31 @@
 """Which kernel and which tile sizes each NF4 matmul uses, chosen from measurements.
 
-``FORWARD`` and ``BACKWARD`` hold, for each weight shape ``(N, K)`` and number of activation
-rows ``M`` that ``python benchmarks/kernels.py --sweep`` measured on an H100 (bf16, blocksize
-64, double quantization), the fastest kernel and config. Other shapes use the nearest measured
-shape (in log N, log K) and other M the nearest measured M that the entry's kernel can take (in
-log M, ties going to the larger M). Sources: the full sweep ``benchmarks/results/kernels-sweep-h100.json``
-(its candidates) for most rows; ``kernels-mma-depth-h100.json`` for the ``mma`` rows of 1-4 rows (candidates in
-alternating rounds, every call reading its weight from HBM; earlier alternating files timed one
-weight that stayed in L2 and are superseded); ``kernels-mma-h100.json`` for the other ``mma``
-rows; ``kernels-overlap-h100.json`` and ``kernels-overlap-priority-h100.json`` for the ``overlap``
-entries at M=4096; ``kernels-skinny-trials-h100.json`` and ``kernels-mma-m1-h100.json`` (``--sweep
---kinds mma --ms 1``; both alternating rounds from HBM, 3 rounds) for the rows whose comments name
-them, and ``kernels-rows8-h100.json`` (8-row programs against the plan of the time, alternating
-rounds from HBM, 3 rounds; ``kernels-rows8b-h100.json`` the same at 2-8 rows) and
-``kernels-steady-lab-h100.json`` (the unmasked steady loop against the masked one, the same way)
-for the rows that name them. Kinds: ``gemv1`` (persistent one-row GEMV), ``gemv`` (CUDA-core
-GEMV), ``mma`` (``skinny``: up to 16 rows, the weight decoded in registers, or with ``TABLE``
-through a shared pair table, for tensor-core ``mma.sync``; ``DEPTH`` segments fetched ahead,
-activations at use unless ``X_AHEAD``, block scales from a per-program shared table with
-``SHARED_SCALES``, ``rows=8`` for programs of 8 weight rows, twice as many, ``steady`` for no
-masks where segments are whole), ``fused`` (dequantize tiles into ``tl.dot``), ``chunked``
-(dequantize into a scratch buffer + cuBLAS; the value is the chunk size in elements, ``None`` for the whole weight at once), ``overlap`` (chunks
-as ``chunked``, the next one dequantized on a side stream during the current GEMM). The comments
-give the measured time, for some rows against the config it replaced in the same run.
+``FORWARD`` and ``BACKWARD`` hold, for each weight shape ``(N, K)`` and number of activation rows
+``M`` that ``python benchmarks/kernels.py --sweep`` measured on an H100 (bf16, blocksize 64, double
+quantization), the fastest kernel and config. Other shapes use the nearest measured shape (in log N,
+log K) and other M the nearest measured M that the entry's kernel can take (in log M, ties going to
+the larger M). Sources: the full sweep ``benchmarks/results/kernels-sweep-h100.json`` (its
+candidates) for most rows; ``kernels-mma-depth-h100.json`` for the ``mma`` rows of 1-4 rows
+(candidates in alternating rounds, every call reading its weight from HBM; earlier alternating files
+timed one weight that stayed in L2 and are superseded); ``kernels-mma-h100.json`` for the other
+``mma`` rows; ``kernels-overlap-h100.json`` and ``kernels-overlap-priority-h100.json`` for the
+``overlap`` entries at M=4096; ``kernels-skinny-trials-h100.json`` and ``kernels-mma-m1-h100.json``
+(``--sweep --kinds mma --ms 1``; both alternating rounds from HBM, 3 rounds) for the rows whose
+comments name them, and ``kernels-rows8-h100.json`` (8-row programs against the plan of the time,
+alternating rounds from HBM, 3 rounds; ``kernels-rows8b-h100.json`` the same at 2-8 rows) and
+``kernels-steady-lab-h100.json`` (the unmasked steady loop against the masked one, the same way) and
+``kernels-late-scale-h100.json`` (block scales applied after the mma against the plan of the time,
+two runs of 3 and 5 alternating rounds from HBM) for the rows that name them. Kinds: ``gemv1``
+(persistent one-row GEMV), ``gemv`` (CUDA-core GEMV), ``mma`` (``skinny``: up to 16 rows, the weight
+decoded in registers, or with ``TABLE`` through a shared pair table, for tensor-core ``mma.sync``;
+``DEPTH`` segments fetched ahead, activations at use unless ``X_AHEAD``, block scales from a
+per-program shared table with ``SHARED_SCALES``, ``rows=8`` for programs of 8 weight rows, twice as
+many, ``steady`` for no masks where segments are whole, ``late`` for block scales applied to the
+mma's fp32 partials), ``fused`` (dequantize tiles into ``tl.dot``), ``chunked`` (dequantize into a
+scratch buffer + cuBLAS; the value is the chunk size in elements, ``None`` for the whole weight at
+once), ``overlap`` (chunks as ``chunked``, the next one dequantized on a side stream during the
+current GEMM). The comments give the measured time, for some rows against the config it replaced in
+the same run.
 """
 from __future__ import annotations
 
@@ -33,9 +36,9 @@ import torch
 
 
 def _mma(warps: int, split: int, table: bool = False, depth: int = 1, x_ahead: bool = True,
-         shared_scales: bool = False, rows: int = 16, steady: bool = False) -> dict:
+         shared_scales: bool = False, rows: int = 16, steady: bool = False, late: bool = False) -> dict:
     return {"SPLIT": split, "num_warps": warps, "TABLE": table, "DEPTH": depth, "X_AHEAD": x_ahead,
-            "SHARED_SCALES": shared_scales, "ROWS": rows, "STEADY": steady}
+            "SHARED_SCALES": shared_scales, "ROWS": rows, "STEADY": steady, "LATE_SCALE": late}
 
 
 DEQUANT_CONFIG = {"elems_per_program": 2048, "num_warps": 4, "flat_block": 1024}
@@ -44,8 +47,8 @@ FORWARD = {
     (4096, 4096): {
         1: ('mma', _mma(8, 1, table=True, rows=8)),  # 8.3 us vs 8.9 with 16-row programs (kernels-rows8)
         2: ('mma', _mma(8, 1, table=True, rows=8)),  # as M=1
-        4: ('mma', _mma(4, 1, table=True, depth=2, x_ahead=False, rows=8)),  # 9.0 us vs 9.6 (kernels-rows8)
-        8: ('mma', _mma(4, 1)),  # 10.0 us vs 13.9 fused
+        4: ('mma', _mma(4, 1, table=True, depth=2, x_ahead=False, rows=8, late=True)),  # 8.4-8.6 us vs 9.0-9.1 (kernels-late-scale)
+        8: ('mma', _mma(4, 1, late=True)),  # 10.8-10.9 us vs 11.2 scaled before the mma (kernels-late-scale)
         12: ('mma', _mma(4, 1)),  # 11.6 us vs 14.0 fused
         16: ('mma', _mma(4, 1, depth=2, steady=True)),  # 11.1 us vs 12.0 masked, depth 1 (kernels-steady-lab)
         64: ('fused', {'BM': 64, 'BN': 128, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 20.6 us
@@ -54,10 +57,10 @@ FORWARD = {
         4096: ('overlap', 8388608),  # 213.8 us vs 217.9 whole (alternating rounds)
     },
     (4096, 11008): {
-        1: ('mma', _mma(8, 1, table=True, rows=8)),  # 14.8 us vs 15.5 with 16 rows and shared scales (kernels-rows8)
-        2: ('mma', _mma(8, 1, table=True, rows=8)),  # as M=1
-        4: ('mma', _mma(8, 1, table=True, depth=2)),  # 16.4 us vs 18.9 (kernels-mma-depth)
-        8: ('mma', _mma(8, 1, table=True, shared_scales=True)),  # 18.1 us vs 22.1 (kernels-rows8b)
+        1: ('mma', _mma(8, 1, table=True, rows=8, late=True)),  # 16.6-16.7 us vs 16.8 (kernels-late-scale)
+        2: ('mma', _mma(8, 1, table=True, rows=8, late=True)),  # as M=1
+        4: ('mma', _mma(8, 1, table=True, depth=2, late=True)),  # 16.7 us vs 17.7-17.9 (kernels-late-scale)
+        8: ('mma', _mma(8, 1, table=True, depth=2, late=True)),  # 17.4 us vs 18.0 with shared scales (kernels-late-scale)
         12: ('mma', _mma(8, 1)),  # 21.9 us vs 30.1 fused
         16: ('mma', _mma(8, 1)),  # 22.7 us vs 30.9 fused
         64: ('fused', {'BM': 64, 'BN': 128, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 44.6 us
@@ -297,7 +300,9 @@ def sweep_candidates() -> dict:
                         _fused(16, 64, 128, 4, 1, 4, w_is_a=True), _fused(16, 128, 128, 4, 3, 2, w_is_a=True)],
         "mma": [_mma(w, 1, t, d, x, sh, rows, st) for rows in (16, 8) for w in (2, 4, 8) for t in (False, True)
                 for d, x in ((1, True), (2, False), (2, True)) for sh in (False, True)
-                for st in ((False, True) if rows == 16 else (False,))],
+                for st in ((False, True) if rows == 16 else (False,))]
+        + [_mma(w, 1, t, d, x, rows=rows, late=True) for rows in (16, 8) for w in (2, 4, 8) for t in (False, True)
+           for d, x in ((1, True), (2, False))],
         "fused": [_fused(64, 128, 128, 4, 3, 2), _fused(64, 64, 128, 4, 3, 2), _fused(64, 128, 128, 4, 3, 4),
                   _fused(64, 64, 128, 4, 3)],
         "chunked": [{"chunk_elems": None}, {"chunk_elems": 32 << 20}],
