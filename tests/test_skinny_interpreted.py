@@ -60,3 +60,11 @@ else:
                 assert out.shape == (m, n) and out.dtype == dtype
                 err = ((out.float() - expect).norm() / expect.norm()).item()
                 assert err < (2e-3 if dtype == torch.float16 else 1e-2), (m, config, err)
+
+    def test_late_scale_with_shared_scales_is_refused():
+        """The two scale paths exclude each other; asking for both names them instead of miscomputing."""
+        packed, state = quantize_nf4(torch.randn(16, 128) * 0.02, blocksize=64, double_quant=True)
+        weight = NF4Weight.from_state(packed, state)
+        x = torch.randn(1, 128).to(torch.float16)
+        with pytest.raises(ValueError, match="LATE_SCALE and SHARED_SCALES"):
+            skinny.matmul(x, weight, None, {"num_warps": 2, "SHARED_SCALES": True, "LATE_SCALE": True})
