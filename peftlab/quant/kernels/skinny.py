@@ -268,6 +268,20 @@ def _pair(ptr, first, second, mask_first, mask_second):
 
 
 @triton.jit
+def _lane_columns(seg, c, GROUPS: tl.constexpr):
+    """The thread's first columns for k-steps 0-3 and 4-7 of segment ``seg``: its 32 codes are
+    columns ``32c .. 32c + 31``, or with ``GROUPS == 2`` (one 64-column block per group)
+    ``16c .. 16c + 15`` of each half, so that the four lanes of a k-step read one block."""
+    if GROUPS == 2:
+        lower = seg * 128 + 16 * c
+        upper = lower + 64
+    else:
+        lower = seg * 128 + 32 * c
+        upper = lower + 16
+    return lower, upper
+
+
+@triton.jit
 def _activations(x_ptr, lower, upper, ok, ok_upper):
     """A tile's B fragments for one segment: int64 ``lower + 2p + e`` (4 activations) is k-step
     2p + e for p = 0, 1, and ``upper + 2(p - 2) + e`` for p = 2, 3 (masked by ``ok_upper``);
@@ -292,39 +306,34 @@ def _fetch_weights(packed_ptr, absmax_ptr, nested_absmax_ptr, seg, seg_end, c, r
     block-scale bytes (with GROUPS, per group: the blocks of columns 0-63 and 64-127). MASKED:
     anything past the segment range, K or the program's rows reads as 0. Otherwise no masks: rows
     past the program's end read its last row and columns past the row end its last codes, which
-    meet zero activations or land in outputs never stored.
-
-    A thread's 32 codes are columns ``32c .. 32c + 31`` of the segment, or with ``GROUPS == 2``
-    (one 64-column block per group) columns ``16c .. 16c + 15`` of each half, so that the four
-    lanes of a k-step read one block."""
+    meet zero activations or land in outputs never stored. The thread's columns come from
+    ``_lane_columns``."""
     # Contiguous pairs' offsets are written so that the compiler can prove 16-byte alignment (rows
     # of KB * BS codes, BS >= 32): every pair then is one vector load held by one thread, the layout
     # the PTX needs. The two halves of GROUPS == 2 are joined instead (``_pair``).
     e = tl.arange(0, 2)[None, :]
     row_words = KB * (BS // 16)  # int64 per weight row
     rows = row + 8 * e
+    lower, upper = _lane_columns(seg, c, GROUPS)  # [R, 1]
+    ok, ok_upper = (seg < seg_end) & (lower < K), (seg < seg_end) & (upper < K)
     if GROUPS == 2:
-        k0 = seg * 128 + 0 * c  # [R, 1]: the segment's first column; the second block's is k0 + 64
         if MASKED:
-            ok, ok_upper = (seg < seg_end) & (k0 < K), (seg < seg_end) & (k0 + 64 < K)
-            word = row.to(tl.int64) * row_words + (seg * 8 + c)
+            word = row.to(tl.int64) * row_words + lower // 16
             wg = _pair(packed_ptr, word, word + 4, ok & (row < row_end), ok_upper & (row < row_end))
             wh = tl.zeros_like(wg)  # with 8 rows per program, rows g + 8 are the next program's
             if ROWS == 16:
                 wh = _pair(packed_ptr, word + 8 * row_words, word + 8 * row_words + 4, ok & (row + 8 < row_end),
                            ok_upper & (row + 8 < row_end))
         else:  # each half clamped to the row's last word
-            lower, upper = tl.minimum(seg * 8 + c, row_words - 1), tl.minimum(seg * 8 + 4 + c, row_words - 1)
+            first, second = tl.minimum(lower // 16, row_words - 1), tl.minimum(upper // 16, row_words - 1)
             word = tl.minimum(row, row_end - 1).to(tl.int64) * row_words
-            wg = _pair(packed_ptr, word + lower, word + upper, None, None)
+            wg = _pair(packed_ptr, word + first, word + second, None, None)
             wh = tl.zeros_like(wg)
             if ROWS == 16:
                 word = tl.minimum(row + 8, row_end - 1).to(tl.int64) * row_words
-                wh = _pair(packed_ptr, word + lower, word + upper, None, None)
+                wh = _pair(packed_ptr, word + first, word + second, None, None)
     else:
-        k0 = seg * 128 + 32 * c  # [R, 1]: the thread's first column in this segment
         if MASKED:
-            ok = (seg < seg_end) & (k0 < K)
             word = row.to(tl.int64) * row_words + (seg * 8 + 2 * c) + e
             wg = tl.load(packed_ptr + word, mask=ok & (row < row_end), other=0)
             wh = tl.zeros_like(wg)  # with 8 rows per program, rows g + 8 are the next program's
@@ -338,12 +347,13 @@ def _fetch_weights(packed_ptr, absmax_ptr, nested_absmax_ptr, seg, seg_end, c, r
                 wh = tl.load(packed_ptr + (tl.minimum(row + 8, row_end - 1).to(tl.int64) * row_words + col))
     loads = (wg, wh)
     if not SHARED_SCALES:
-        for group in tl.static_range(max(GROUPS, 1)):
+        for group in tl.static_range(max(GROUPS, 1)):  # group 1 (GROUPS == 2) is the upper half's block
+            column, in_range = (upper, ok_upper) if group == 1 else (lower, ok)
             if MASKED:
-                blocks = rows * KB + (k0 + 64 * group) // BS
-                ok_block = (seg < seg_end) & (k0 + 64 * group < K) & (rows < row_end)
+                blocks = rows * KB + column // BS
+                ok_block = in_range & (rows < row_end)
             else:
-                blocks = tl.minimum(rows, row_end - 1) * KB + tl.minimum((k0 + 64 * group) // BS, KB - 1)
+                blocks = tl.minimum(rows, row_end - 1) * KB + tl.minimum(column // BS, KB - 1)
                 ok_block = None
             loads = loads + scale_bytes(absmax_ptr, nested_absmax_ptr, blocks, ok_block, NESTED)
     return loads
@@ -353,17 +363,12 @@ def _fetch_weights(packed_ptr, absmax_ptr, nested_absmax_ptr, seg, seg_end, c, r
 def _fetch_activations(x_ptr, seg, seg_end, c, row, M, K, KB, BS: tl.constexpr, TILES: tl.constexpr,
                        MASKED: tl.constexpr, GROUPS: tl.constexpr):
     """One segment's B fragments, per tile four int64 pairs (see ``_activations``), for the
-    thread's columns (see ``_fetch_weights``). MASKED zeroes columns past the segment range or K
+    thread's columns (``_lane_columns``). MASKED zeroes columns past the segment range or K
     and rows past M; otherwise rows past M read row M - 1 (outputs never stored) and columns past
     K the row's last ones (meeting weights never used)."""
     token = row % 8  # B column n = g: activation row g (tile 0), g + 8 (tile 1)
     x_row = KB * (BS // 4)  # int64 per activation row (dense rows)
-    # the thread's first columns for k-steps 0-3 and 4-7 (see _fetch_weights)
-    if GROUPS == 2:
-        lower, upper = seg * 128 + 16 * c, seg * 128 + 64 + 16 * c
-    else:
-        lower = seg * 128 + 32 * c
-        upper = lower + 16
+    lower, upper = _lane_columns(seg, c, GROUPS)
     if MASKED:
         ok, ok_upper = (seg < seg_end) & (lower < K), (seg < seg_end) & (upper < K)
         x = token.to(tl.int64) * x_row
@@ -418,11 +423,11 @@ def _segment(queue, acts, accs, slot: tl.constexpr, MASKED: tl.constexpr, seg, s
         scale = (zero + (scales + (block * 8 + (r % 32) // 4) * 8),)
     else:
         scale = ()
-        for group in tl.static_range(max(GROUPS, 1)):
+        columns = _lane_columns(seg, c, GROUPS)
+        for group in tl.static_range(max(GROUPS, 1)):  # group 1 (GROUPS == 2) is the upper half's block
             ok = None
             if MASKED:
-                first = seg * 128 + (64 * group if GROUPS == 2 else 32 * c)
-                ok = (seg < seg_end) & (first < K) & (row + 8 * tl.arange(0, 2)[None, :] < row_end)
+                ok = (seg < seg_end) & (columns[group] < K) & (row + 8 * tl.arange(0, 2)[None, :] < row_end)
             scale = scale + (decode_scales(nested_code_ptr, offset, queue[slot * WORDS + 2 + 2 * group],
                                            queue[slot * WORDS + 3 + 2 * group], ok, NESTED),)
     # From HBM each warp's chain of segments is bound by load latency: DEPTH stay in flight.
