@@ -4,11 +4,13 @@ Triton's interpreter cannot run inline assembly. :func:`install` makes it run th
 skinny kernel emits, written from the PTX ISA's definitions: every register is a numpy array over
 the asm block's instances (one per thread), shared memory is one word array, and ``mma.sync``
 gathers each warp's fragments (instance i is lane i % 32 of warp i // 32, which is the lane
-mapping the kernel requires of Triton, see ``tests/test_skinny_layout.py``). With it the whole
-kernel (indices, masks, splits, queues, tables) runs on the CPU against the torch reference.
+mapping the kernel requires of Triton, see ``tests/test_skinny_layout.py``). Global loads read the
+interpreter's tensors at their host addresses. With it the whole kernel (indices, masks, splits,
+queues, tables) runs on the CPU against the torch reference.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import re
 
@@ -44,6 +46,14 @@ def _pack(low: np.ndarray, high: np.ndarray, dtype: torch.dtype) -> np.ndarray:
     def bits(v):
         return torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)).to(dtype).view(torch.int16).numpy()
     return (bits(low).astype(np.uint16).astype(np.uint32)) | (bits(high).astype(np.uint16).astype(np.uint32) << 16)
+
+
+def _load_words(addresses: np.ndarray, active: np.ndarray, offset: int) -> np.ndarray:
+    """The 64-bit words at host ``addresses + offset`` bytes where ``active``, 0 elsewhere."""
+    words = np.zeros(len(addresses), dtype=np.uint64)
+    for i in np.flatnonzero(active):
+        words[i] = ctypes.c_uint64.from_address(int(addresses[i]) + offset).value
+    return words
 
 
 def _f32(bits: np.ndarray) -> np.ndarray:
@@ -114,11 +124,17 @@ class PTXModel:
                 self.symbols.setdefault(name, (len(self.symbols) + 1) << 20)  # byte address of a 1 MB region
                 continue
             active = read(predicate).astype(bool) if predicate else np.ones(count, dtype=bool)
-            if op == "mov.b64":
+            if op == "mov.b64" and args[0].startswith("{"):
                 value = read(args[1]).astype(np.uint64)
                 low, high = vector(args[0])
                 write(low, (value & np.uint64(0xFFFFFFFF)).astype(np.uint32))
                 write(high, (value >> np.uint64(32)).astype(np.uint32))
+            elif op == "mov.b64":
+                write(args[0], read(args[1]).astype(np.uint64))
+            elif op.startswith("ld.global.") and op.endswith(".b64"):  # any cache qualifiers; .v2 or one word
+                addresses = read(args[1].strip("[]")).astype(np.uint64)
+                for i, name in enumerate(vector(args[0])):
+                    write(name, np.where(active, _load_words(addresses, active, 8 * i), read(name)))
             elif op in ("mov.b32", "mov.u32", "mov.f32"):
                 write(args[0], read(args[1]).astype(np.uint32))
             elif op in ("and.b32", "or.b32", "xor.b32", "shl.b32", "shr.u32", "add.u32"):
@@ -211,7 +227,8 @@ def install() -> PTXModel:
         out_types = [getattr(ty, "element_ty", ty) for ty in types]
         operands = []
         for ty in out_types:  # outputs first, one operand per packed element
-            operands += [np.zeros(values[0].data.size // pack, dtype=np.uint32) for _ in range(pack)]
+            unsigned = np.uint64 if ty.primitive_bitwidth == 64 else np.uint32
+            operands += [np.zeros(values[0].data.size // pack, dtype=unsigned) for _ in range(pack)]
         for handle in values:
             data = np.ascontiguousarray(handle.data).reshape(-1, pack)
             if data.dtype.itemsize < 4:
@@ -221,9 +238,13 @@ def install() -> PTXModel:
         outs = model.run(asm, operands, len(out_types) * pack)
         results = []
         for i, ty in enumerate(out_types):
-            words = np.stack(outs[i * pack:(i + 1) * pack], axis=1).reshape(shape).astype(np.uint32)
-            results.append(interpreter.TensorHandle(words.view(np.float32) if ty == tl.float32
-                                                    else words.view(np.int32), ty))
+            words = np.stack(outs[i * pack:(i + 1) * pack], axis=1).reshape(shape)
+            if ty.primitive_bitwidth == 64:
+                results.append(interpreter.TensorHandle(words.astype(np.uint64).view(np.int64), ty))
+            else:
+                words = words.astype(np.uint32)
+                results.append(interpreter.TensorHandle(words.view(np.float32) if ty == tl.float32
+                                                        else words.view(np.int32), ty))
         return _Call(results)
 
     interpreter.InterpreterBuilder.create_inline_asm = create_inline_asm

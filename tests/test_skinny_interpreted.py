@@ -2,7 +2,8 @@
 ``tests/ptx_model.py`` its inline PTX (decode, shared tables, ``mma``), against the torch reference
 in fp32. Covers what only a GPU run covered before: partial segments and row groups, split K, one to
 eight warps, 16- and 8-row programs, masked and steady loops, scaling before and after the mma,
-every decode and queue variant, with and without bias, fp16 and bf16 (the kernel does no bf16
+every decode and queue variant, weight loads with and without the L2 hint, with and without bias,
+fp16 and bf16 (the kernel does no bf16
 arithmetic in Triton, which the interpreter gets wrong; the PTX model rounds through torch).
 """
 from __future__ import annotations
@@ -52,8 +53,9 @@ else:
                 rows = 8 if (i + m) % 3 == 0 else 16  # a third of the variants with 8-row programs
                 steady = (i // 2 + m) % 2 == 0  # half with the unmasked steady loop, with and without shared scales
                 late = not shared and (i // 4 + m) % 2 == 0  # half the rest scale after the mma
+                hint = (i + i // 4 + m) % 2 == 0  # half load the weights through the hinted PTX
                 config = dict(config, TABLE=table, DEPTH=depth, X_AHEAD=ahead, SHARED_SCALES=shared, ROWS=rows,
-                              STEADY=steady, LATE_SCALE=late)
+                              STEADY=steady, LATE_SCALE=late, L2_HINT=hint)
                 b = bias if with_bias else None
                 out = skinny.matmul(x, weight, b, config)
                 expect = x.float() @ ref.t() + (b.float() if b is not None else 0)

@@ -27,14 +27,14 @@ _ALIGNED = ("x_ptr", "packed_ptr", "code_ptr", "out_ptr")  # what the launcher g
 
 
 def _ttgir(nw: int, tiles: int, table: bool, depth: int, x_ahead: bool, shared: bool, rows: int, steady: bool,
-           groups: int, capability: int) -> str:
+           groups: int, hint: bool, capability: int) -> str:
     kernel = skinny._skinny_kernel
     constants = dict(BS=64, NW=nw, TILES=tiles, SPLIT=1, HAS_BIAS=True, NESTED=True, F16=False, TABLE=table,
                      DEPTH=depth, X_AHEAD=x_ahead, SHARED_SCALES=shared, SCALE_BLOCKS=4,
                      SCALE_DECL=skinny.scale_table_decl(4) if shared else "",
                      SEGMENT_ASM=skinny.segment_asm("bf16", tiles, table, shared, rows, groups),
                      CONSTRAINTS=skinny.segment_constraints(tiles, shared, groups), ROWS=rows,
-                     STEADY=steady, GROUPS=groups)
+                     STEADY=steady, GROUPS=groups, L2_HINT=hint)
     signature = {name: "constexpr" if name in constants else _TYPES.get(name, "i32") for name in kernel.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names) if name in _ALIGNED}
     source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
@@ -59,14 +59,17 @@ def segment_operand_layouts(ttgir: str, rows: int) -> set[tuple[str, str, str, s
 
 
 @pytest.mark.parametrize("capability", [80, 90])
-@pytest.mark.parametrize("nw,tiles,table,depth,x_ahead,shared,rows,steady,groups", [
-    (1, 1, False, 1, True, False, 16, False, 0), (2, 1, True, 2, False, False, 8, True, 0),
-    (4, 2, False, 2, True, True, 16, True, 0), (8, 2, True, 3, True, True, 8, False, 0),
-    (4, 1, False, 1, True, True, 8, True, 0), (2, 2, False, 2, False, False, 16, True, 0),
-    (2, 1, True, 2, True, False, 16, False, 2), (4, 2, False, 2, False, False, 8, True, 2),
-    (8, 2, True, 1, True, False, 16, True, 1)])
-def test_every_thread_holds_whole_pairs(nw, tiles, table, depth, x_ahead, shared, rows, steady, groups, capability):
-    ttgir = _ttgir(nw, tiles, table, depth, x_ahead, shared, rows, steady, groups, capability)
+@pytest.mark.parametrize("nw,tiles,table,depth,x_ahead,shared,rows,steady,groups,hint", [
+    (1, 1, False, 1, True, False, 16, False, 0, False), (2, 1, True, 2, False, False, 8, True, 0, True),
+    (4, 2, False, 2, True, True, 16, True, 0, False), (8, 2, True, 3, True, True, 8, False, 0, True),
+    (4, 1, False, 1, True, True, 8, True, 0, False), (2, 2, False, 2, False, False, 16, True, 0, True),
+    (2, 1, True, 2, True, False, 16, False, 2, True), (4, 2, False, 2, False, False, 8, True, 2, True),
+    (8, 2, True, 1, True, False, 16, True, 1, False), (2, 1, True, 2, True, False, 16, False, 0, True),
+    (8, 1, True, 1, True, False, 8, False, 2, True)])
+def test_every_thread_holds_whole_pairs(nw, tiles, table, depth, x_ahead, shared, rows, steady, groups, hint,
+                                        capability):
+    """Every variant, weights loaded by Triton or by the L2-hinted PTX (``hint``), gets whole pairs."""
+    ttgir = _ttgir(nw, tiles, table, depth, x_ahead, shared, rows, steady, groups, hint, capability)
     assert segment_operand_layouts(ttgir, nw * 32) == {("1,2", "32,1", f"{nw},1", "1,0")}
 
 

@@ -31,6 +31,9 @@ of one block accumulate into zeroed partials that one ``fma`` per accumulator ad
 block instead of 8-16 ``bf16x2`` multiplies, and the products are no longer rounded to bf16. For
 64-code blocks a thread then loads 8 bytes from each half of the segment (columns ``16c ..`` and
 ``64 + 16c ..``) rather than 16 contiguous, so that the four lanes of every k-step share a block.
+With ``L2_HINT`` the packed codes are loaded by inline PTX with the ``L2::256B`` prefetch-size
+qualifier: a miss brings the next 256 bytes of the row into L2 (four segments), so the following
+segments of a row wait on L2 rather than HBM.
 
 Against the CUDA-core GEMVs there are no codebook gathers through L1 and no per-element FMA
 (about five instructions per weight in the compiled loop, two of them ``prmt``), and the
@@ -255,12 +258,54 @@ def _fill_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, seg0, s
     return table
 
 
+# Weight loads with ``L2_HINT`` (see the module docstring): Triton's loads cannot carry the PTX
+# prefetch-size qualifier, hence inline PTX; a false predicate leaves the words 0, as a masked load.
+_HINTED_PAIR = tl.constexpr("ld.global.L2::256B.v2.b64 {$0, $1}, [$2];")
+_HINTED_PAIR_MASKED = tl.constexpr("{ .reg .pred p; setp.ne.b32 p, $3, 0; mov.b64 $0, 0; mov.b64 $1, 0; "
+                                   "@p ld.global.L2::256B.v2.b64 {$0, $1}, [$2]; }")
+_HINTED_WORD = tl.constexpr("ld.global.L2::256B.b64 $0, [$1];")
+_HINTED_WORD_MASKED = tl.constexpr("{ .reg .pred p; setp.ne.b32 p, $2, 0; mov.b64 $0, 0; "
+                                   "@p ld.global.L2::256B.b64 $0, [$1]; }")
+
+
 @triton.jit
-def _pair(ptr, first, second, mask_first, mask_second):
+def _hinted_word(ptr, offsets, mask):
+    """The int64 at ``ptr + offsets`` ([R, 1]) with the L2 hint; 0 where ``mask`` (``None``: none) is false."""
+    if mask is None:
+        word = tl.inline_asm_elementwise(_HINTED_WORD, "=l,l", [ptr + offsets], dtype=tl.int64, is_pure=False, pack=1)
+    else:
+        word = tl.inline_asm_elementwise(_HINTED_WORD_MASKED, "=l,l,r", [ptr + offsets, mask.to(tl.int32)],
+                                         dtype=tl.int64, is_pure=False, pack=1)
+    return word
+
+
+@triton.jit
+def _contiguous(ptr, first, mask, L2_HINT: tl.constexpr):
+    """Words ``first`` and ``first + 1`` ([R, 1], ``first`` even: one 16-byte load) as [R, 2] on one
+    thread; ``mask=None`` loads without one."""
+    if L2_HINT:
+        if mask is None:
+            low, high = tl.inline_asm_elementwise(_HINTED_PAIR, "=l,=l,l", [ptr + first], dtype=(tl.int64, tl.int64),
+                                                  is_pure=False, pack=1)
+        else:
+            low, high = tl.inline_asm_elementwise(_HINTED_PAIR_MASKED, "=l,=l,l,r", [ptr + first, mask.to(tl.int32)],
+                                                  dtype=(tl.int64, tl.int64), is_pure=False, pack=1)
+        pair = tl.reshape(tl.join(low, high), (first.shape[0], 2))
+    elif mask is None:
+        pair = tl.load(ptr + (first + tl.arange(0, 2)[None, :]))
+    else:
+        pair = tl.load(ptr + (first + tl.arange(0, 2)[None, :]), mask=mask, other=0)
+    return pair
+
+
+@triton.jit
+def _pair(ptr, first, second, mask_first, mask_second, L2_HINT: tl.constexpr):
     """Loads ``ptr + first`` and ``ptr + second`` ([R, 1] each) as one [R, 2] tensor whose two
     elements sit on one thread, the layout the segment PTX needs (joined, so that it holds
     whether or not the two addresses are adjacent); a ``None`` mask loads without one."""
-    if mask_first is None:
+    if L2_HINT:
+        pair = tl.join(_hinted_word(ptr, first, mask_first), _hinted_word(ptr, second, mask_second))
+    elif mask_first is None:
         pair = tl.join(tl.load(ptr + first), tl.load(ptr + second))
     else:
         pair = tl.join(tl.load(ptr + first, mask=mask_first, other=0), tl.load(ptr + second, mask=mask_second, other=0))
@@ -300,14 +345,14 @@ def _activations(x_ptr, lower, upper, ok, ok_upper):
 @triton.jit
 def _fetch_weights(packed_ptr, absmax_ptr, nested_absmax_ptr, seg, seg_end, c, row, row_end, K, KB,
                    BS: tl.constexpr, NESTED: tl.constexpr, SHARED_SCALES: tl.constexpr, ROWS: tl.constexpr,
-                   MASKED: tl.constexpr, GROUPS: tl.constexpr):
+                   MASKED: tl.constexpr, GROUPS: tl.constexpr, L2_HINT: tl.constexpr):
     """One segment's weight loads: the packed words of rows g and g + 8 (16 bytes each; of row g
     alone with 8 rows per program) and, unless the scales come from shared memory, their
     block-scale bytes (with GROUPS, per group: the blocks of columns 0-63 and 64-127). MASKED:
     anything past the segment range, K or the program's rows reads as 0. Otherwise no masks: rows
     past the program's end read its last row and columns past the row end its last codes, which
     meet zero activations or land in outputs never stored. The thread's columns come from
-    ``_lane_columns``."""
+    ``_lane_columns``; L2_HINT loads the words with the L2 prefetch-size hint."""
     # Contiguous pairs' offsets are written so that the compiler can prove 16-byte alignment (rows
     # of KB * BS codes, BS >= 32): every pair then is one vector load held by one thread, the layout
     # the PTX needs. The two halves of GROUPS == 2 are joined instead (``_pair``).
@@ -319,32 +364,33 @@ def _fetch_weights(packed_ptr, absmax_ptr, nested_absmax_ptr, seg, seg_end, c, r
     if GROUPS == 2:
         if MASKED:
             word = row.to(tl.int64) * row_words + lower // 16
-            wg = _pair(packed_ptr, word, word + 4, ok & (row < row_end), ok_upper & (row < row_end))
+            wg = _pair(packed_ptr, word, word + 4, ok & (row < row_end), ok_upper & (row < row_end), L2_HINT)
             wh = tl.zeros_like(wg)  # with 8 rows per program, rows g + 8 are the next program's
             if ROWS == 16:
                 wh = _pair(packed_ptr, word + 8 * row_words, word + 8 * row_words + 4, ok & (row + 8 < row_end),
-                           ok_upper & (row + 8 < row_end))
+                           ok_upper & (row + 8 < row_end), L2_HINT)
         else:  # each half clamped to the row's last word
             first, second = tl.minimum(lower // 16, row_words - 1), tl.minimum(upper // 16, row_words - 1)
             word = tl.minimum(row, row_end - 1).to(tl.int64) * row_words
-            wg = _pair(packed_ptr, word + first, word + second, None, None)
+            wg = _pair(packed_ptr, word + first, word + second, None, None, L2_HINT)
             wh = tl.zeros_like(wg)
             if ROWS == 16:
                 word = tl.minimum(row + 8, row_end - 1).to(tl.int64) * row_words
-                wh = _pair(packed_ptr, word + first, word + second, None, None)
+                wh = _pair(packed_ptr, word + first, word + second, None, None, L2_HINT)
     else:
         if MASKED:
-            word = row.to(tl.int64) * row_words + (seg * 8 + 2 * c) + e
-            wg = tl.load(packed_ptr + word, mask=ok & (row < row_end), other=0)
+            word = row.to(tl.int64) * row_words + (seg * 8 + 2 * c)
+            wg = _contiguous(packed_ptr, word, ok & (row < row_end), L2_HINT)
             wh = tl.zeros_like(wg)  # with 8 rows per program, rows g + 8 are the next program's
             if ROWS == 16:
-                wh = tl.load(packed_ptr + word + 8 * row_words, mask=ok & (row + 8 < row_end), other=0)
+                wh = _contiguous(packed_ptr, word + 8 * row_words, ok & (row + 8 < row_end), L2_HINT)
         else:
-            col = tl.minimum(seg * 8 + 2 * c, row_words - 2) + e
-            wg = tl.load(packed_ptr + (tl.minimum(row, row_end - 1).to(tl.int64) * row_words + col))
+            col = tl.minimum(seg * 8 + 2 * c, row_words - 2)
+            wg = _contiguous(packed_ptr, tl.minimum(row, row_end - 1).to(tl.int64) * row_words + col, None, L2_HINT)
             wh = tl.zeros_like(wg)
             if ROWS == 16:
-                wh = tl.load(packed_ptr + (tl.minimum(row + 8, row_end - 1).to(tl.int64) * row_words + col))
+                wh = _contiguous(packed_ptr, tl.minimum(row + 8, row_end - 1).to(tl.int64) * row_words + col, None,
+                                 L2_HINT)
     loads = (wg, wh)
     if not SHARED_SCALES:
         for group in tl.static_range(max(GROUPS, 1)):  # group 1 (GROUPS == 2) is the upper half's block
@@ -409,7 +455,7 @@ def _segment(queue, acts, accs, slot: tl.constexpr, MASKED: tl.constexpr, seg, s
              x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, planes, scales, blk0, zero,
              BS: tl.constexpr, NW: tl.constexpr, TILES: tl.constexpr, NESTED: tl.constexpr, DEPTH: tl.constexpr,
              X_AHEAD: tl.constexpr, SHARED_SCALES: tl.constexpr, STEADY: tl.constexpr, ROWS: tl.constexpr,
-             GROUPS: tl.constexpr, SEGMENT_ASM: tl.constexpr, CONSTRAINTS: tl.constexpr):
+             GROUPS: tl.constexpr, SEGMENT_ASM: tl.constexpr, CONSTRAINTS: tl.constexpr, L2_HINT: tl.constexpr):
     """One step of a warp's chain: segment ``seg`` from queue slot ``slot``, whose loads are then
     reissued DEPTH segments ahead. MASKED (any segment past the range or K): masked loads, the
     queue rotated, activations at use after a steady phase (its prefetches read past the range
@@ -432,7 +478,7 @@ def _segment(queue, acts, accs, slot: tl.constexpr, MASKED: tl.constexpr, seg, s
                                            queue[slot * WORDS + 3 + 2 * group], ok, NESTED),)
     # From HBM each warp's chain of segments is bound by load latency: DEPTH stay in flight.
     ahead = _fetch_weights(packed_ptr, absmax_ptr, nested_absmax_ptr, seg + DEPTH * NW, seg_end, c, row, row_end, K, KB,
-                           BS, NESTED, SHARED_SCALES, ROWS, MASKED, GROUPS)
+                           BS, NESTED, SHARED_SCALES, ROWS, MASKED, GROUPS, L2_HINT)
     if MASKED:
         queue = queue[WORDS:] + ahead
     else:
@@ -466,7 +512,7 @@ def _skinny_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, n
                    HAS_BIAS: tl.constexpr, NESTED: tl.constexpr, F16: tl.constexpr, TABLE: tl.constexpr,
                    DEPTH: tl.constexpr, X_AHEAD: tl.constexpr, SHARED_SCALES: tl.constexpr, SCALE_BLOCKS: tl.constexpr,
                    SCALE_DECL: tl.constexpr, SEGMENT_ASM: tl.constexpr, CONSTRAINTS: tl.constexpr,
-                   ROWS: tl.constexpr, STEADY: tl.constexpr, GROUPS: tl.constexpr):
+                   ROWS: tl.constexpr, STEADY: tl.constexpr, GROUPS: tl.constexpr, L2_HINT: tl.constexpr):
     # x_ptr and packed_ptr are int64 views (4 activations, 16 codes). A thread's tensors are
     # [NW * 32, 2], row r on lane r % 32 of warp r // 32 (the layout the PTX relies on), a pair per
     # thread: element e of the scales is weight row g + 8e's, of an accumulator activation row 2c + e.
@@ -484,10 +530,10 @@ def _skinny_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, n
     # read by every warp and so mostly L1 hits, are loaded X_AHEAD (0 or 1) segments ahead.
     seg = seg0 + warp
     queue = _fetch_weights(packed_ptr, absmax_ptr, nested_absmax_ptr, seg, seg_end, c, row, row_end, K, KB, BS, NESTED,
-                           SHARED_SCALES, ROWS, True, GROUPS)
+                           SHARED_SCALES, ROWS, True, GROUPS, L2_HINT)
     for j in tl.static_range(1, DEPTH):
         queue = queue + _fetch_weights(packed_ptr, absmax_ptr, nested_absmax_ptr, seg + j * NW, seg_end, c, row, row_end,
-                                       K, KB, BS, NESTED, SHARED_SCALES, ROWS, True, GROUPS)
+                                       K, KB, BS, NESTED, SHARED_SCALES, ROWS, True, GROUPS, L2_HINT)
     acts = zero  # unused without X_AHEAD
     if X_AHEAD:
         acts = _fetch_activations(x_ptr, seg, seg_end, c, row, M, K, KB, BS, TILES, True, GROUPS)
@@ -517,13 +563,13 @@ def _skinny_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, n
                 queue, acts, accs = _segment(queue, acts, accs, slot, False, seg, seg_end, c, r, row, row_end, M, K, KB,
                                              x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
                                              planes, scales, blk0, zero, BS, NW, TILES, NESTED, DEPTH, X_AHEAD,
-                                             SHARED_SCALES, STEADY, ROWS, GROUPS, SEGMENT_ASM, CONSTRAINTS)
+                                             SHARED_SCALES, STEADY, ROWS, GROUPS, SEGMENT_ASM, CONSTRAINTS, L2_HINT)
                 seg += NW
     for _ in range(steady * DEPTH, (seg_end - seg0 + NW - 1) // NW):
         queue, acts, accs = _segment(queue, acts, accs, 0, True, seg, seg_end, c, r, row, row_end, M, K, KB,
                                      x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
                                      planes, scales, blk0, zero, BS, NW, TILES, NESTED, DEPTH, X_AHEAD,
-                                     SHARED_SCALES, STEADY, ROWS, GROUPS, SEGMENT_ASM, CONSTRAINTS)
+                                     SHARED_SCALES, STEADY, ROWS, GROUPS, SEGMENT_ASM, CONSTRAINTS, L2_HINT)
         seg += NW
     acc_g0, acc_h0, acc_g1, acc_h1 = accs
     # Lane (g, c) of an accumulator holds weight row g (or g + 8), activation rows 2c + e (+ 8).
@@ -575,9 +621,10 @@ def matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, config
     registers), ``DEPTH`` (segments whose weight loads each warp keeps in flight), ``X_AHEAD``
     (load activations one segment ahead rather than at use), ``SHARED_SCALES`` (decode the
     program's block scales once into shared memory rather than per segment), ``STEADY`` (run
-    the steps where every warp's segment is whole and in range without masks) and ``LATE_SCALE``
+    the steps where every warp's segment is whole and in range without masks), ``LATE_SCALE``
     (scale each block's fp32 mma sums rather than the decoded codes; not with ``SHARED_SCALES``,
-    and ignored for 32-code blocks).
+    and ignored for 32-code blocks) and ``L2_HINT`` (load the packed codes with the PTX hint that
+    fills 256 bytes of L2 per miss).
     """
     m, k = x.shape
     if x.stride(0) != k or x.stride(1) != 1 or x.data_ptr() % ALIGNMENT:
@@ -602,6 +649,6 @@ def matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, config
         SCALE_DECL=scale_table_decl(blocks) if shared else "",
         SEGMENT_ASM=segment_asm("f16" if x.dtype == torch.float16 else "bf16", tiles, table, shared, rows, groups),
         CONSTRAINTS=segment_constraints(tiles, shared, groups), ROWS=rows, STEADY=config.get("STEADY", False),
-        GROUPS=groups,
+        GROUPS=groups, L2_HINT=config.get("L2_HINT", False),
         num_warps=config["num_warps"])
     return out if split == 1 else finish_split_k(target, bias, out, split)

@@ -15,17 +15,18 @@ comments name them, and ``kernels-rows8-h100.json`` (8-row programs against the 
 alternating rounds from HBM, 3 rounds; ``kernels-rows8b-h100.json`` the same at 2-8 rows) and
 ``kernels-steady-lab-h100.json`` (the unmasked steady loop against the masked one, the same way) and
 ``kernels-late-scale-h100.json`` (block scales applied after the mma against the plan of the time,
-two runs of 3 and 5 alternating rounds from HBM) for the rows that name them. Kinds: ``gemv1``
+two runs of 3 and 5 alternating rounds from HBM) and ``kernels-l2-hint-h100.json`` (weight loads
+with the L2 prefetch-size hint against the plan, the same way) for the rows that name them. Kinds: ``gemv1``
 (persistent one-row GEMV), ``gemv`` (CUDA-core GEMV), ``mma`` (``skinny``: up to 16 rows, the weight
 decoded in registers, or with ``TABLE`` through a shared pair table, for tensor-core ``mma.sync``;
 ``DEPTH`` segments fetched ahead, activations at use unless ``X_AHEAD``, block scales from a
 per-program shared table with ``SHARED_SCALES``, ``rows=8`` for programs of 8 weight rows, twice as
 many, ``steady`` for no masks where segments are whole, ``late`` for block scales applied to the
-mma's fp32 partials), ``fused`` (dequantize tiles into ``tl.dot``), ``chunked`` (dequantize into a
-scratch buffer + cuBLAS; the value is the chunk size in elements, ``None`` for the whole weight at
-once), ``overlap`` (chunks as ``chunked``, the next one dequantized on a side stream during the
-current GEMM). The comments give the measured time, for some rows against the config it replaced in
-the same run.
+mma's fp32 partials, ``hint`` for weight loads that fill 256 bytes of L2 per miss), ``fused``
+(dequantize tiles into ``tl.dot``), ``chunked`` (dequantize into a scratch buffer + cuBLAS; the
+value is the chunk size in elements, ``None`` for the whole weight at once), ``overlap`` (chunks as
+``chunked``, the next one dequantized on a side stream during the current GEMM). The comments give
+the measured time, for some rows against the config it replaced in the same run.
 """
 from __future__ import annotations
 
@@ -36,17 +37,18 @@ import torch
 
 
 def _mma(warps: int, split: int, table: bool = False, depth: int = 1, x_ahead: bool = True,
-         shared_scales: bool = False, rows: int = 16, steady: bool = False, late: bool = False) -> dict:
+         shared_scales: bool = False, rows: int = 16, steady: bool = False, late: bool = False,
+         hint: bool = False) -> dict:
     return {"SPLIT": split, "num_warps": warps, "TABLE": table, "DEPTH": depth, "X_AHEAD": x_ahead,
-            "SHARED_SCALES": shared_scales, "ROWS": rows, "STEADY": steady, "LATE_SCALE": late}
+            "SHARED_SCALES": shared_scales, "ROWS": rows, "STEADY": steady, "LATE_SCALE": late, "L2_HINT": hint}
 
 
 DEQUANT_CONFIG = {"elems_per_program": 2048, "num_warps": 4, "flat_block": 1024}
 
 FORWARD = {
     (4096, 4096): {
-        1: ('mma', _mma(8, 1, table=True, rows=8)),  # 8.3 us vs 8.9 with 16-row programs (kernels-rows8)
-        2: ('mma', _mma(8, 1, table=True, rows=8)),  # as M=1
+        1: ('mma', _mma(8, 1, table=True, rows=8, hint=True)),  # 8.6-8.7 us vs 8.8-8.9 (kernels-l2-hint)
+        2: ('mma', _mma(8, 1, table=True, rows=8, hint=True)),  # as M=1
         4: ('mma', _mma(4, 1, table=True, depth=2, x_ahead=False, rows=8, late=True)),  # 8.4-8.6 us vs 9.0-9.1 (kernels-late-scale)
         8: ('mma', _mma(4, 1, late=True)),  # 10.8-10.9 us vs 11.2 scaled before the mma (kernels-late-scale)
         12: ('mma', _mma(4, 1)),  # 11.6 us vs 14.0 fused
@@ -57,8 +59,8 @@ FORWARD = {
         4096: ('overlap', 8388608),  # 213.8 us vs 217.9 whole (alternating rounds)
     },
     (4096, 11008): {
-        1: ('mma', _mma(8, 1, table=True, rows=8, late=True)),  # 16.6-16.7 us vs 16.8 (kernels-late-scale)
-        2: ('mma', _mma(8, 1, table=True, rows=8, late=True)),  # as M=1
+        1: ('mma', _mma(8, 1, table=True, rows=8, hint=True)),  # 16.1-16.3 us vs 16.5-16.8 late (kernels-l2-hint)
+        2: ('mma', _mma(8, 1, table=True, rows=8, hint=True)),  # as M=1
         4: ('mma', _mma(8, 1, table=True, depth=2, late=True)),  # 16.7 us vs 17.7-17.9 (kernels-late-scale)
         8: ('mma', _mma(8, 1, table=True, depth=2, late=True)),  # 17.4 us vs 18.0 with shared scales (kernels-late-scale)
         12: ('mma', _mma(8, 1)),  # 21.9 us vs 30.1 fused
@@ -69,9 +71,9 @@ FORWARD = {
         4096: ('overlap', 12582912),  # 1024-row chunks: 497.2 us vs 540.0 whole (kernels-overlap-trials)
     },
     (11008, 4096): {
-        1: ('mma', _mma(2, 1, table=True, depth=2)),  # 15.8 us vs 17.0 fetching one ahead (kernels-mma-depth)
-        2: ('mma', _mma(2, 1, table=True, depth=2)),  # as M=1 and M=4
-        4: ('mma', _mma(2, 1, table=True, depth=2)),  # 16.7 us vs 17.7 (kernels-mma-depth)
+        1: ('mma', _mma(2, 1, table=True, depth=2, hint=True)),  # 15.3-15.4 us vs 15.9 (kernels-l2-hint)
+        2: ('mma', _mma(2, 1, table=True, depth=2, hint=True)),  # as M=1 and M=4
+        4: ('mma', _mma(2, 1, table=True, depth=2, hint=True)),  # 16.3-16.6 us vs 17.0-17.1 (kernels-l2-hint)
         8: ('mma', _mma(4, 1)),  # 19.3 us vs 31.5 fused
         12: ('mma', _mma(2, 1)),  # 22.6 us vs 31.5 fused
         16: ('mma', _mma(2, 1, depth=2, shared_scales=True, steady=True)),  # 22.5-22.9 us vs 23.2 masked (kernels-steady-lab)
@@ -302,7 +304,9 @@ def sweep_candidates() -> dict:
                 for d, x in ((1, True), (2, False), (2, True)) for sh in (False, True)
                 for st in ((False, True) if rows == 16 else (False,))]
         + [_mma(w, 1, t, d, x, rows=rows, late=True) for rows in (16, 8) for w in (2, 4, 8) for t in (False, True)
-           for d, x in ((1, True), (2, False))],
+           for d, x in ((1, True), (2, False))]
+        + [_mma(w, 1, True, d, x, rows=rows, late=late, hint=True) for rows in (16, 8) for w in (2, 4, 8)
+           for d, x in ((1, True), (2, True)) for late in (False, True)],
         "fused": [_fused(64, 128, 128, 4, 3, 2), _fused(64, 64, 128, 4, 3, 2), _fused(64, 128, 128, 4, 3, 4),
                   _fused(64, 64, 128, 4, 3)],
         "chunked": [{"chunk_elems": None}, {"chunk_elems": 32 << 20}],
