@@ -73,6 +73,30 @@ def test_every_thread_holds_whole_pairs(nw, tiles, table, depth, x_ahead, shared
     assert segment_operand_layouts(ttgir, nw * 32) == {("1,2", "32,1", f"{nw},1", "1,0")}
 
 
+def loop_conversions_of_words(ttgir: str, rows: int) -> list[str]:
+    """The ``convert_layout`` ops on ``[rows, 2]`` int64 tensors (queued weight words) inside loops."""
+    found, depth = [], 0
+    for line in ttgir.splitlines():
+        depth += line.count("scf.for")
+        if depth and "ttg.convert_layout" in line and f"tensor<{rows}x2xi64" in line:
+            found.append(line.strip())
+        if line.strip().startswith("scf.yield"):
+            depth = max(0, depth - 1)
+    return found
+
+
+@pytest.mark.parametrize("nw,tiles,table,shared,rows,steady,groups,hint", [
+    (2, 2, False, True, 16, True, 0, True), (4, 2, False, False, 16, True, 0, True),
+    (2, 1, True, False, 16, True, 2, False), (2, 1, True, False, 16, True, 2, True),
+    (8, 1, True, False, 8, False, 2, True)])
+def test_queued_words_keep_their_layout_through_the_loops(nw, tiles, table, shared, rows, steady, groups, hint):
+    """Words loaded as halves (hinted PTX, or the two halves of 64-code late-scale blocks) are queued
+    apart and joined at use. Joined at load, Triton 3.6 carried the steady loop's queue in another
+    layout and converted it through shared memory every step (188 instead of 147 registers)."""
+    ttgir = _ttgir(nw, tiles, table, 2, True, shared, rows, steady, groups, hint, 90)
+    assert loop_conversions_of_words(ttgir, nw * 32) == []
+
+
 def test_the_check_sees_a_spread_pair():
     """The layout Triton picks for unaligned pointers: pairs spread over two lanes."""
     ttgir = ("#blocked = #ttg.blocked<{sizePerThread = [1, 1], threadsPerWarp = [16, 2], warpsPerCTA = [2, 1], "

@@ -269,47 +269,70 @@ _HINTED_WORD_MASKED = tl.constexpr("{ .reg .pred p; setp.ne.b32 p, $2, 0; mov.b6
 
 
 @triton.jit
-def _hinted_word(ptr, offsets, mask):
-    """The int64 at ``ptr + offsets`` ([R, 1]) with the L2 hint; 0 where ``mask`` (``None``: none) is false."""
-    if mask is None:
-        word = tl.inline_asm_elementwise(_HINTED_WORD, "=l,l", [ptr + offsets], dtype=tl.int64, is_pure=False, pack=1)
+def _flat(x):
+    """``[R, 1] -> [R]``: every thread keeps its rows."""
+    return tl.reshape(x, (x.shape[0],))
+
+
+@triton.jit
+def _word(ptr, offsets, mask, L2_HINT: tl.constexpr):
+    """The int64 at ``ptr + offsets`` ([R, 1]) as [R]; 0 where ``mask`` (``None``: none) is false."""
+    if L2_HINT:
+        if mask is None:
+            word = tl.inline_asm_elementwise(_HINTED_WORD, "=l,l", [ptr + _flat(offsets)], dtype=tl.int64,
+                                             is_pure=False, pack=1)
+        else:
+            word = tl.inline_asm_elementwise(_HINTED_WORD_MASKED, "=l,l,r",
+                                             [ptr + _flat(offsets), _flat(mask).to(tl.int32)], dtype=tl.int64,
+                                             is_pure=False, pack=1)
+    elif mask is None:
+        word = tl.load(ptr + _flat(offsets))
     else:
-        word = tl.inline_asm_elementwise(_HINTED_WORD_MASKED, "=l,l,r", [ptr + offsets, mask.to(tl.int32)],
-                                         dtype=tl.int64, is_pure=False, pack=1)
+        word = tl.load(ptr + _flat(offsets), mask=_flat(mask), other=0)
     return word
 
 
 @triton.jit
 def _contiguous(ptr, first, mask, L2_HINT: tl.constexpr):
-    """Words ``first`` and ``first + 1`` ([R, 1], ``first`` even: one 16-byte load) as [R, 2] on one
-    thread; ``mask=None`` loads without one."""
+    """Words ``first`` and ``first + 1`` ([R, 1], ``first`` even: one 16-byte load); ``mask=None``
+    loads without one. Triton's load gives them as one [R, 2] tensor on one thread; the hinted PTX
+    as two [R] halves, joined where the segment uses them (see ``_queued_words``)."""
     if L2_HINT:
         if mask is None:
-            low, high = tl.inline_asm_elementwise(_HINTED_PAIR, "=l,=l,l", [ptr + first], dtype=(tl.int64, tl.int64),
-                                                  is_pure=False, pack=1)
+            words = tl.inline_asm_elementwise(_HINTED_PAIR, "=l,=l,l", [ptr + _flat(first)], dtype=(tl.int64, tl.int64),
+                                              is_pure=False, pack=1)
         else:
-            low, high = tl.inline_asm_elementwise(_HINTED_PAIR_MASKED, "=l,=l,l,r", [ptr + first, mask.to(tl.int32)],
-                                                  dtype=(tl.int64, tl.int64), is_pure=False, pack=1)
-        pair = tl.reshape(tl.join(low, high), (first.shape[0], 2))
+            words = tl.inline_asm_elementwise(_HINTED_PAIR_MASKED, "=l,=l,l,r",
+                                              [ptr + _flat(first), _flat(mask).to(tl.int32)],
+                                              dtype=(tl.int64, tl.int64), is_pure=False, pack=1)
     elif mask is None:
-        pair = tl.load(ptr + (first + tl.arange(0, 2)[None, :]))
+        words = tl.load(ptr + (first + tl.arange(0, 2)[None, :]))
     else:
-        pair = tl.load(ptr + (first + tl.arange(0, 2)[None, :]), mask=mask, other=0)
-    return pair
+        words = tl.load(ptr + (first + tl.arange(0, 2)[None, :]), mask=mask, other=0)
+    return words
 
 
 @triton.jit
-def _pair(ptr, first, second, mask_first, mask_second, L2_HINT: tl.constexpr):
-    """Loads ``ptr + first`` and ``ptr + second`` ([R, 1] each) as one [R, 2] tensor whose two
-    elements sit on one thread, the layout the segment PTX needs (joined, so that it holds
-    whether or not the two addresses are adjacent); a ``None`` mask loads without one."""
-    if L2_HINT:
-        pair = tl.join(_hinted_word(ptr, first, mask_first), _hinted_word(ptr, second, mask_second))
-    elif mask_first is None:
-        pair = tl.join(tl.load(ptr + first), tl.load(ptr + second))
+def _no_words(words, HALVES: tl.constexpr):
+    """Zeros shaped like ``words`` (a [R, 2] tensor, or with ``HALVES`` two [R] halves)."""
+    if HALVES:
+        zeros = (tl.zeros_like(words[0]), tl.zeros_like(words[1]))
     else:
-        pair = tl.join(tl.load(ptr + first, mask=mask_first, other=0), tl.load(ptr + second, mask=mask_second, other=0))
-    return tl.reshape(pair, (first.shape[0], 2))
+        zeros = tl.zeros_like(words)
+    return zeros
+
+
+@triton.jit
+def _queued_words(queue, at: tl.constexpr, HALVES: tl.constexpr):
+    """Rows g and g + 8's words from ``queue[at:]`` as [R, 2] pairs on one thread, the layout the
+    segment PTX needs. Halves are queued apart and joined only here: joined when loaded, the
+    queue of the steady loop was carried in another layout and converted through shared memory
+    every step (Triton 3.6)."""
+    if HALVES:
+        words = tl.join(queue[at], queue[at + 1]), tl.join(queue[at + 2], queue[at + 3])
+    else:
+        words = queue[at], queue[at + 1]
+    return words
 
 
 @triton.jit
@@ -355,43 +378,46 @@ def _fetch_weights(packed_ptr, absmax_ptr, nested_absmax_ptr, seg, seg_end, c, r
     ``_lane_columns``; L2_HINT loads the words with the L2 prefetch-size hint."""
     # Contiguous pairs' offsets are written so that the compiler can prove 16-byte alignment (rows
     # of KB * BS codes, BS >= 32): every pair then is one vector load held by one thread, the layout
-    # the PTX needs. The two halves of GROUPS == 2 are joined instead (``_pair``).
+    # the PTX needs. The two halves of GROUPS == 2, and hinted words, are queued as halves instead.
     e = tl.arange(0, 2)[None, :]
     row_words = KB * (BS // 16)  # int64 per weight row
     rows = row + 8 * e
     lower, upper = _lane_columns(seg, c, GROUPS)  # [R, 1]
     ok, ok_upper = (seg < seg_end) & (lower < K), (seg < seg_end) & (upper < K)
+    HALVES: tl.constexpr = L2_HINT or GROUPS == 2
     if GROUPS == 2:
         if MASKED:
             word = row.to(tl.int64) * row_words + lower // 16
-            wg = _pair(packed_ptr, word, word + 4, ok & (row < row_end), ok_upper & (row < row_end), L2_HINT)
-            wh = tl.zeros_like(wg)  # with 8 rows per program, rows g + 8 are the next program's
+            wg = (_word(packed_ptr, word, ok & (row < row_end), L2_HINT),
+                  _word(packed_ptr, word + 4, ok_upper & (row < row_end), L2_HINT))
+            wh = _no_words(wg, HALVES)  # with 8 rows per program, rows g + 8 are the next program's
             if ROWS == 16:
-                wh = _pair(packed_ptr, word + 8 * row_words, word + 8 * row_words + 4, ok & (row + 8 < row_end),
-                           ok_upper & (row + 8 < row_end), L2_HINT)
+                word += 8 * row_words
+                wh = (_word(packed_ptr, word, ok & (row + 8 < row_end), L2_HINT),
+                      _word(packed_ptr, word + 4, ok_upper & (row + 8 < row_end), L2_HINT))
         else:  # each half clamped to the row's last word
             first, second = tl.minimum(lower // 16, row_words - 1), tl.minimum(upper // 16, row_words - 1)
             word = tl.minimum(row, row_end - 1).to(tl.int64) * row_words
-            wg = _pair(packed_ptr, word + first, word + second, None, None, L2_HINT)
-            wh = tl.zeros_like(wg)
+            wg = (_word(packed_ptr, word + first, None, L2_HINT), _word(packed_ptr, word + second, None, L2_HINT))
+            wh = _no_words(wg, HALVES)
             if ROWS == 16:
                 word = tl.minimum(row + 8, row_end - 1).to(tl.int64) * row_words
-                wh = _pair(packed_ptr, word + first, word + second, None, None, L2_HINT)
+                wh = (_word(packed_ptr, word + first, None, L2_HINT), _word(packed_ptr, word + second, None, L2_HINT))
     else:
         if MASKED:
             word = row.to(tl.int64) * row_words + (seg * 8 + 2 * c)
             wg = _contiguous(packed_ptr, word, ok & (row < row_end), L2_HINT)
-            wh = tl.zeros_like(wg)  # with 8 rows per program, rows g + 8 are the next program's
+            wh = _no_words(wg, HALVES)  # with 8 rows per program, rows g + 8 are the next program's
             if ROWS == 16:
                 wh = _contiguous(packed_ptr, word + 8 * row_words, ok & (row + 8 < row_end), L2_HINT)
         else:
             col = tl.minimum(seg * 8 + 2 * c, row_words - 2)
             wg = _contiguous(packed_ptr, tl.minimum(row, row_end - 1).to(tl.int64) * row_words + col, None, L2_HINT)
-            wh = tl.zeros_like(wg)
+            wh = _no_words(wg, HALVES)
             if ROWS == 16:
                 wh = _contiguous(packed_ptr, tl.minimum(row + 8, row_end - 1).to(tl.int64) * row_words + col, None,
                                  L2_HINT)
-    loads = (wg, wh)
+    loads = wg + wh if HALVES else (wg, wh)
     if not SHARED_SCALES:
         for group in tl.static_range(max(GROUPS, 1)):  # group 1 (GROUPS == 2) is the upper half's block
             column, in_range = (upper, ok_upper) if group == 1 else (lower, ok)
@@ -460,8 +486,10 @@ def _segment(queue, acts, accs, slot: tl.constexpr, MASKED: tl.constexpr, seg, s
     reissued DEPTH segments ahead. MASKED (any segment past the range or K): masked loads, the
     queue rotated, activations at use after a steady phase (its prefetches read past the range
     unmasked, and only zero activations cancel those weights). Returns (queue, acts, accs)."""
-    WORDS: tl.constexpr = 2 if SHARED_SCALES else 2 + 2 * max(GROUPS, 1)  # tensors per queued segment
-    wg, wh = queue[slot * WORDS], queue[slot * WORDS + 1]
+    HALVES: tl.constexpr = L2_HINT or GROUPS == 2  # weight words queued as halves (see _queued_words)
+    PAIRS: tl.constexpr = 4 if HALVES else 2
+    WORDS: tl.constexpr = PAIRS if SHARED_SCALES else PAIRS + 2 * max(GROUPS, 1)  # tensors per queued segment
+    wg, wh = _queued_words(queue, slot * WORDS, HALVES)
     if SHARED_SCALES:  # the lane's block in the table (block 0's entry past the range: x is 0 there)
         block = (seg * 128 + 32 * c) // BS - blk0
         if MASKED:
@@ -474,8 +502,8 @@ def _segment(queue, acts, accs, slot: tl.constexpr, MASKED: tl.constexpr, seg, s
             ok = None
             if MASKED:
                 ok = (seg < seg_end) & (columns[group] < K) & (row + 8 * tl.arange(0, 2)[None, :] < row_end)
-            scale = scale + (decode_scales(nested_code_ptr, offset, queue[slot * WORDS + 2 + 2 * group],
-                                           queue[slot * WORDS + 3 + 2 * group], ok, NESTED),)
+            scale = scale + (decode_scales(nested_code_ptr, offset, queue[slot * WORDS + PAIRS + 2 * group],
+                                           queue[slot * WORDS + PAIRS + 1 + 2 * group], ok, NESTED),)
     # From HBM each warp's chain of segments is bound by load latency: DEPTH stay in flight.
     ahead = _fetch_weights(packed_ptr, absmax_ptr, nested_absmax_ptr, seg + DEPTH * NW, seg_end, c, row, row_end, K, KB,
                            BS, NESTED, SHARED_SCALES, ROWS, MASKED, GROUPS, L2_HINT)
