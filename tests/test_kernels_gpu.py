@@ -126,7 +126,8 @@ def test_skinny_mma_matches_reference(n, k, blocksize, nested, dtype):
     partial 16- and 8-row groups, split K, masked and steady loops, one or several warps, with and
     without bias, register and
     shared-table decode, one to three segments fetched ahead, activations loaded ahead or at use,
-    block scales decoded per segment or once into shared memory, applied before or after the mma."""
+    block scales decoded per segment or once into shared memory, applied before or after the mma,
+    weights loaded by Triton or by the L2-hinted PTX."""
     from peftlab.quant.kernels import NF4Weight, skinny
 
     packed, state, ref = _weight(n, k, blocksize, nested)
@@ -144,8 +145,9 @@ def test_skinny_mma_matches_reference(n, k, blocksize, nested, dtype):
             rows = 8 if (i + m) % 3 == 0 else 16  # a third of the variants with 8-row programs
             steady = (i + m) % 2 == 0  # half with the unmasked steady loop
             late = not shared and (i // 4 + m) % 2 == 0  # half the rest scale after the mma
+            hint = (i + i // 4 + m) % 2 == 0  # half load the weights through the L2-hinted PTX
             config = dict(config, TABLE=table, DEPTH=depth, X_AHEAD=ahead, SHARED_SCALES=shared, ROWS=rows,
-                          STEADY=steady, LATE_SCALE=late)
+                          STEADY=steady, LATE_SCALE=late, L2_HINT=hint)
             assert skinny.supports(x, weight)
             out = skinny.matmul(x, weight, bias, config)
             expect = x.float() @ ref.t() + (bias.float() if bias is not None else 0)

@@ -277,19 +277,25 @@ def _flat(x):
 @triton.jit
 def _word(ptr, offsets, mask, L2_HINT: tl.constexpr):
     """The int64 at ``ptr + offsets`` ([R, 1]) as [R]; 0 where ``mask`` (``None``: none) is false."""
+    address = ptr + _flat(offsets)
     if L2_HINT:
         if mask is None:
-            word = tl.inline_asm_elementwise(_HINTED_WORD, "=l,l", [ptr + _flat(offsets)], dtype=tl.int64,
-                                             is_pure=False, pack=1)
+            word = tl.inline_asm_elementwise(_HINTED_WORD, "=l,l", [address], dtype=tl.int64, is_pure=False, pack=1)
         else:
-            word = tl.inline_asm_elementwise(_HINTED_WORD_MASKED, "=l,l,r",
-                                             [ptr + _flat(offsets), _flat(mask).to(tl.int32)], dtype=tl.int64,
-                                             is_pure=False, pack=1)
+            word = tl.inline_asm_elementwise(_HINTED_WORD_MASKED, "=l,l,r", [address, _flat(mask).to(tl.int32)],
+                                             dtype=tl.int64, is_pure=False, pack=1)
     elif mask is None:
-        word = tl.load(ptr + _flat(offsets))
+        word = tl.load(address)
     else:
-        word = tl.load(ptr + _flat(offsets), mask=_flat(mask), other=0)
+        word = tl.load(address, mask=_flat(mask), other=0)
     return word
+
+
+@triton.jit
+def _halves(ptr, first, second, mask_first, mask_second, L2_HINT: tl.constexpr):
+    """Words ``first`` and ``second`` ([R, 1] each) as two [R] halves, joined where the segment uses
+    them (see ``_queued_words``); a ``None`` mask loads without one."""
+    return _word(ptr, first, mask_first, L2_HINT), _word(ptr, second, mask_second, L2_HINT)
 
 
 @triton.jit
@@ -298,12 +304,12 @@ def _contiguous(ptr, first, mask, L2_HINT: tl.constexpr):
     loads without one. Triton's load gives them as one [R, 2] tensor on one thread; the hinted PTX
     as two [R] halves, joined where the segment uses them (see ``_queued_words``)."""
     if L2_HINT:
+        address = ptr + _flat(first)
         if mask is None:
-            words = tl.inline_asm_elementwise(_HINTED_PAIR, "=l,=l,l", [ptr + _flat(first)], dtype=(tl.int64, tl.int64),
+            words = tl.inline_asm_elementwise(_HINTED_PAIR, "=l,=l,l", [address], dtype=(tl.int64, tl.int64),
                                               is_pure=False, pack=1)
         else:
-            words = tl.inline_asm_elementwise(_HINTED_PAIR_MASKED, "=l,=l,l,r",
-                                              [ptr + _flat(first), _flat(mask).to(tl.int32)],
+            words = tl.inline_asm_elementwise(_HINTED_PAIR_MASKED, "=l,=l,l,r", [address, _flat(mask).to(tl.int32)],
                                               dtype=(tl.int64, tl.int64), is_pure=False, pack=1)
     elif mask is None:
         words = tl.load(ptr + (first + tl.arange(0, 2)[None, :]))
@@ -388,21 +394,19 @@ def _fetch_weights(packed_ptr, absmax_ptr, nested_absmax_ptr, seg, seg_end, c, r
     if GROUPS == 2:
         if MASKED:
             word = row.to(tl.int64) * row_words + lower // 16
-            wg = (_word(packed_ptr, word, ok & (row < row_end), L2_HINT),
-                  _word(packed_ptr, word + 4, ok_upper & (row < row_end), L2_HINT))
+            wg = _halves(packed_ptr, word, word + 4, ok & (row < row_end), ok_upper & (row < row_end), L2_HINT)
             wh = _no_words(wg, HALVES)  # with 8 rows per program, rows g + 8 are the next program's
             if ROWS == 16:
-                word += 8 * row_words
-                wh = (_word(packed_ptr, word, ok & (row + 8 < row_end), L2_HINT),
-                      _word(packed_ptr, word + 4, ok_upper & (row + 8 < row_end), L2_HINT))
+                wh = _halves(packed_ptr, word + 8 * row_words, word + 8 * row_words + 4, ok & (row + 8 < row_end),
+                             ok_upper & (row + 8 < row_end), L2_HINT)
         else:  # each half clamped to the row's last word
             first, second = tl.minimum(lower // 16, row_words - 1), tl.minimum(upper // 16, row_words - 1)
             word = tl.minimum(row, row_end - 1).to(tl.int64) * row_words
-            wg = (_word(packed_ptr, word + first, None, L2_HINT), _word(packed_ptr, word + second, None, L2_HINT))
+            wg = _halves(packed_ptr, word + first, word + second, None, None, L2_HINT)
             wh = _no_words(wg, HALVES)
             if ROWS == 16:
                 word = tl.minimum(row + 8, row_end - 1).to(tl.int64) * row_words
-                wh = (_word(packed_ptr, word + first, None, L2_HINT), _word(packed_ptr, word + second, None, L2_HINT))
+                wh = _halves(packed_ptr, word + first, word + second, None, None, L2_HINT)
     else:
         if MASKED:
             word = row.to(tl.int64) * row_words + (seg * 8 + 2 * c)
