@@ -97,6 +97,31 @@ def test_queued_words_keep_their_layout_through_the_loops(nw, tiles, table, shar
     assert loop_conversions_of_words(ttgir, nw * 32) == []
 
 
+def _shipped_plans() -> list[tuple[int, dict]]:
+    """(tiles, config) of every distinct skinny plan in the forward tables."""
+    from peftlab.quant.kernels import tuning
+
+    plans = {}
+    for by_m in tuning.FORWARD.values():
+        for m, (kind, config) in by_m.items():
+            if kind == "mma":
+                tiles = 1 if m <= 8 else 2
+                plans[(tiles, tuple(sorted(config.items())))] = (tiles, config)
+    return list(plans.values())
+
+
+@pytest.mark.parametrize("tiles,config", _shipped_plans())
+def test_shipped_plans_hold_whole_pairs_and_keep_their_queue_layout(tiles, config):
+    """What the dispatcher runs, compiled as it runs (64-code blocks): whole pairs for the PTX, and no
+    queued words converted inside the loops."""
+    nw = config["num_warps"]
+    groups = skinny.late_scale_groups(64) if config["LATE_SCALE"] else 0
+    ttgir = _ttgir(nw, tiles, config["TABLE"], config["DEPTH"], config["X_AHEAD"], config["SHARED_SCALES"],
+                   config["ROWS"], config["STEADY"], groups, config["L2_HINT"], 90)
+    assert segment_operand_layouts(ttgir, nw * 32) == {("1,2", "32,1", f"{nw},1", "1,0")}
+    assert loop_conversions_of_words(ttgir, nw * 32) == []
+
+
 def test_the_check_sees_a_spread_pair():
     """The layout Triton picks for unaligned pointers: pairs spread over two lanes."""
     ttgir = ("#blocked = #ttg.blocked<{sizePerThread = [1, 1], threadsPerWarp = [16, 2], warpsPerCTA = [2, 1], "

@@ -50,9 +50,9 @@ FORWARD = {
         1: ('mma', _mma(8, 1, table=True, rows=8, hint=True)),  # 8.6-8.7 us vs 8.8-8.9 (kernels-l2-hint)
         2: ('mma', _mma(8, 1, table=True, rows=8, hint=True)),  # as M=1
         4: ('mma', _mma(4, 1, table=True, depth=2, x_ahead=False, rows=8, late=True)),  # 8.4-8.6 us vs 9.0-9.1 (kernels-late-scale)
-        8: ('mma', _mma(4, 1, late=True)),  # 10.8-10.9 us vs 11.2 scaled before the mma (kernels-late-scale)
+        8: ('mma', _mma(4, 1, late=True, hint=True)),  # 10.2 us vs 10.4 (kernels-l2-hint, confirmation_after_halves)
         12: ('mma', _mma(4, 1)),  # 11.6 us vs 14.0 fused
-        16: ('mma', _mma(4, 1, depth=2, steady=True)),  # 11.1 us vs 12.0 masked, depth 1 (kernels-steady-lab)
+        16: ('mma', _mma(4, 1, depth=2, steady=True, hint=True)),  # 11.3-11.4 us vs 11.4-11.6 (kernels-l2-hint, 2 runs)
         64: ('fused', {'BM': 64, 'BN': 128, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 20.6 us
         256: ('chunked', None),  # 33.9 us
         1024: ('chunked', None),  # 60.5 us
@@ -62,9 +62,9 @@ FORWARD = {
         1: ('mma', _mma(8, 1, table=True, rows=8, hint=True)),  # 16.1-16.3 us vs 16.5-16.8 late (kernels-l2-hint)
         2: ('mma', _mma(8, 1, table=True, rows=8, hint=True)),  # as M=1
         4: ('mma', _mma(8, 1, table=True, depth=2, late=True)),  # 16.7 us vs 17.7-17.9 (kernels-late-scale)
-        8: ('mma', _mma(8, 1, table=True, depth=2, late=True)),  # 17.4 us vs 18.0 with shared scales (kernels-late-scale)
+        8: ('mma', _mma(8, 1, table=True, depth=2, late=True, hint=True)),  # 17.7 us vs 18.0 (kernels-l2-hint)
         12: ('mma', _mma(8, 1)),  # 21.9 us vs 30.1 fused
-        16: ('mma', _mma(8, 1)),  # 22.7 us vs 30.9 fused
+        16: ('mma', _mma(8, 1, hint=True)),  # 23.1-23.4 us vs 23.4-23.6 (kernels-l2-hint, 2 runs)
         64: ('fused', {'BM': 64, 'BN': 128, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 44.6 us
         256: ('chunked', None),  # 93.0 us
         1024: ('chunked', None),  # 159.5 us
@@ -76,19 +76,19 @@ FORWARD = {
         4: ('mma', _mma(2, 1, table=True, depth=2, hint=True)),  # 16.3-16.6 us vs 17.0-17.1 (kernels-l2-hint)
         8: ('mma', _mma(4, 1)),  # 19.3 us vs 31.5 fused
         12: ('mma', _mma(2, 1)),  # 22.6 us vs 31.5 fused
-        16: ('mma', _mma(2, 1, depth=2, shared_scales=True, steady=True)),  # 22.5-22.9 us vs 23.2 masked (kernels-steady-lab)
+        16: ('mma', _mma(2, 1, depth=2, shared_scales=True, steady=True, hint=True)),  # 22.1-22.4 us vs 22.2-22.6 (kernels-l2-hint, 2 runs)
         64: ('fused', {'BM': 64, 'BN': 64, 'BK': 128, 'SPLIT_K': 2, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 45.7 us
         256: ('chunked', None),  # 84.0 us
         1024: ('chunked', None),  # 171.6 us
         4096: ('overlap', 8388608),  # 538.2 us vs 617.8 whole, 574.0 in 32M chunks (alternating rounds)
     },
     (14336, 4096): {
-        1: ('mma', _mma(4, 1, table=True, depth=2, x_ahead=False)),  # 19.7 us vs 20.5 (kernels-skinny-trials, depth)
-        2: ('mma', _mma(4, 1, table=True, depth=2, x_ahead=False)),  # as M=1
+        1: ('mma', _mma(4, 1, table=True, depth=2, x_ahead=False, hint=True)),  # 19.8-20.0 us vs 20.0-20.4 (kernels-l2-hint, 4 runs)
+        2: ('mma', _mma(4, 1, table=True, depth=2, x_ahead=False, hint=True)),  # 20.3 us vs 20.7 (kernels-l2-hint)
         4: ('mma', _mma(4, 1, table=True)),  # 22.0 us (kernels-mma-depth)
         8: ('mma', _mma(4, 1, table=True)),  # 22.4 us vs 23.1 (kernels-mma-table-alternating)
         12: ('mma', _mma(4, 1)),  # 26.8 us vs 36.8 fused
-        16: ('mma', _mma(2, 1, depth=2, x_ahead=False, shared_scales=True)),  # 26.9 us vs 28.4 (kernels-skinny-trials)
+        16: ('mma', _mma(2, 1, depth=2, x_ahead=False, shared_scales=True, steady=True, hint=True)),  # 26.8-27.3 us vs 27.7-28.0 (kernels-l2-hint, 2 runs)
         64: ('fused', {'BM': 64, 'BN': 128, 'BK': 128, 'SPLIT_K': 2, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 46.0 us
         256: ('chunked', None),  # 110.2 us
         1024: ('chunked', None),  # 214.2 us
