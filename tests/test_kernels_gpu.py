@@ -6,6 +6,8 @@ import itertools
 import pytest
 import torch
 
+from peftlab.quant.kernels import tuning
+
 pytestmark = pytest.mark.gpu
 
 DEVICE = "cuda"
@@ -76,8 +78,6 @@ def test_grad_input_matches_reference(n, k, m, dtype):
 
 def _forced_configs():
     """(kind, config) of every sweep candidate and every table entry; chunk configs as element counts."""
-    from peftlab.quant.kernels import tuning
-
     forced = [(kind, cfg["chunk_elems"] if "chunked" in kind or "overlap" in kind else cfg)
               for kind, configs in tuning.sweep_candidates().items() if kind != "dequant" for cfg in configs]
     forced += [(kind, cfg) for row in tuning.FORWARD.values() for kind, cfg in row.values()]
@@ -153,6 +153,18 @@ def test_skinny_mma_matches_reference(n, k, blocksize, nested, dtype):
             expect = x.float() @ ref.t() + (bias.float() if bias is not None else 0)
             assert out.shape == (m, n) and out.dtype == dtype
             assert _rel(out, expect) < _tol(dtype), (m, config)
+
+
+@pytest.mark.parametrize("m,config", tuning.mma_plans())
+def test_every_shipped_skinny_plan_matches_reference(m, config):
+    """What the dispatcher runs, config by config, on a weight with partial row groups and segments."""
+    from peftlab.quant.kernels import NF4Weight, skinny
+
+    packed, state, ref = _weight(520, 4160)
+    weight = NF4Weight.from_state(packed, state)
+    for rows in (m, 1 if m > 8 else 7):
+        x = _x(rows, 4160, torch.bfloat16, seed=rows)
+        assert _rel(skinny.matmul(x, weight, None, config), x.float() @ ref.t()) < _tol(torch.bfloat16), config
 
 
 def test_skinny_mma_takes_strided_activations_and_runs_in_a_graph():

@@ -18,7 +18,7 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from peftlab.quant.kernels import skinny  # noqa: E402
+from peftlab.quant.kernels import skinny, tuning  # noqa: E402
 
 _TYPES = {"x_ptr": "*i64", "packed_ptr": "*i64", "code_ptr": "*fp32", "absmax_ptr": "*u8",
           "nested_absmax_ptr": "*fp32", "nested_code_ptr": "*fp32", "offset": "fp32", "bias_ptr": "*bf16",
@@ -97,24 +97,11 @@ def test_queued_words_keep_their_layout_through_the_loops(nw, tiles, table, shar
     assert loop_conversions_of_words(ttgir, nw * 32) == []
 
 
-def _shipped_plans() -> list[tuple[int, dict]]:
-    """(tiles, config) of every distinct skinny plan in the forward tables."""
-    from peftlab.quant.kernels import tuning
-
-    plans = {}
-    for by_m in tuning.FORWARD.values():
-        for m, (kind, config) in by_m.items():
-            if kind == "mma":
-                tiles = 1 if m <= 8 else 2
-                plans[(tiles, tuple(sorted(config.items())))] = (tiles, config)
-    return list(plans.values())
-
-
-@pytest.mark.parametrize("tiles,config", _shipped_plans())
-def test_shipped_plans_hold_whole_pairs_and_keep_their_queue_layout(tiles, config):
+@pytest.mark.parametrize("m,config", tuning.mma_plans())
+def test_shipped_plans_hold_whole_pairs_and_keep_their_queue_layout(m, config):
     """What the dispatcher runs, compiled as it runs (64-code blocks): whole pairs for the PTX, and no
     queued words converted inside the loops."""
-    nw = config["num_warps"]
+    nw, tiles = config["num_warps"], 1 if m <= 8 else 2
     groups = skinny.late_scale_groups(64) if config["LATE_SCALE"] else 0
     ttgir = _ttgir(nw, tiles, config["TABLE"], config["DEPTH"], config["X_AHEAD"], config["SHARED_SCALES"],
                    config["ROWS"], config["STEADY"], groups, config["L2_HINT"], 90)

@@ -52,7 +52,7 @@ FORWARD = {
         4: ('mma', _mma(4, 1, table=True, depth=2, x_ahead=False, rows=8, late=True)),  # 8.4-8.6 us vs 9.0-9.1 (kernels-late-scale)
         8: ('mma', _mma(4, 1, late=True, hint=True)),  # 10.2 us vs 10.4 (kernels-l2-hint, confirmation_after_halves)
         12: ('mma', _mma(4, 1)),  # 11.6 us vs 14.0 fused
-        16: ('mma', _mma(4, 1, depth=2, steady=True, hint=True)),  # 11.3-11.4 us vs 11.4-11.6 (kernels-l2-hint, 2 runs)
+        16: ('mma', _mma(4, 1, depth=3, steady=True, hint=True)),  # 11.0-11.1 us vs 11.3-11.4 depth 2 (kernels-l2-hint, 4 sets)
         64: ('fused', {'BM': 64, 'BN': 128, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 20.6 us
         256: ('chunked', None),  # 33.9 us
         1024: ('chunked', None),  # 60.5 us
@@ -210,6 +210,17 @@ def _lookup(table: dict, m: int, n: int, k: int) -> tuple[str, object]:
 
 
 @functools.lru_cache(maxsize=4096)  # asked twice per adapted layer and forward
+def mma_plans() -> list[tuple[int, dict]]:
+    """``(m, config)`` of every distinct skinny (``mma``) plan of the forward tables, one ``m`` per
+    config and B-tile count (1-8 or 9-16 activation rows compile to different kernels)."""
+    plans: dict[tuple, tuple[int, dict]] = {}
+    for by_m in FORWARD.values():
+        for m, (kind, config) in by_m.items():
+            if kind == "mma":
+                plans.setdefault((m > 8,) + tuple(sorted(config.items())), (m, config))
+    return list(plans.values())
+
+
 def lora_plan(m: int, n: int, k: int) -> tuple[str, dict | None]:
     """How an adapted ``[m, k] @ [n, k].T`` runs at inference (see ``LORA_FORWARD``)."""
     if not LORA_FORWARD or m < 1:
