@@ -23,7 +23,7 @@ if not INNER:
 else:
     import torch
 
-    from peftlab.quant.kernels import NF4Weight, skinny
+    from peftlab.quant.kernels import NF4Weight, skinny, tuning
     from peftlab.quant.nf4 import dequantize_nf4, quantize_nf4
     from tests import ptx_model
 
@@ -70,3 +70,16 @@ else:
         x = torch.randn(1, 128).to(torch.float16)
         with pytest.raises(ValueError, match="LATE_SCALE and SHARED_SCALES"):
             skinny.matmul(x, weight, None, {"num_warps": 2, "SHARED_SCALES": True, "LATE_SCALE": True})
+
+    @pytest.mark.parametrize("m,config", tuning.mma_plans())
+    def test_every_shipped_plan_matches_reference(m, config):
+        """What the dispatcher runs, config by config, with K long enough (24 whole segments and a
+        partial one) for every plan's unmasked steady loop to run before its masked tail."""
+        torch.manual_seed(m)
+        packed, state = quantize_nf4(torch.randn(24, 3136) * 0.02, blocksize=64, double_quant=True)
+        ref = dequantize_nf4(packed, state, torch.float32)
+        weight = NF4Weight.from_state(packed, state)
+        x = torch.randn(m, 3136).to(torch.float16)
+        out = skinny.matmul(x, weight, None, config)
+        expect = x.float() @ ref.t()
+        assert ((out.float() - expect).norm() / expect.norm()).item() < 2e-3, config
