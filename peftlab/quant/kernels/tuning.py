@@ -209,7 +209,6 @@ def _lookup(table: dict, m: int, n: int, k: int) -> tuple[str, object]:
     return table[shape][_nearest(usable, max(m, 1))]
 
 
-@functools.lru_cache(maxsize=4096)  # asked twice per adapted layer and forward
 def mma_plans() -> list[tuple[int, dict]]:
     """``(m, config)`` of every distinct skinny (``mma``) plan of the forward tables, one ``m`` per
     config and B-tile count (1-8 or 9-16 activation rows compile to different kernels)."""
@@ -221,6 +220,7 @@ def mma_plans() -> list[tuple[int, dict]]:
     return list(plans.values())
 
 
+@functools.lru_cache(maxsize=4096)  # asked twice per adapted layer and forward
 def lora_plan(m: int, n: int, k: int) -> tuple[str, dict | None]:
     """How an adapted ``[m, k] @ [n, k].T`` runs at inference (see ``LORA_FORWARD``)."""
     if not LORA_FORWARD or m < 1:
