@@ -58,6 +58,12 @@ def segment_operand_layouts(ttgir: str, rows: int) -> set[tuple[str, str, str, s
     return found
 
 
+def whole_pairs(nw: int) -> set[tuple[str, str, str, str]]:
+    """The one layout the PTX's operands may have: a whole pair per thread, row r on lane r % 32 of
+    warp r // 32."""
+    return {("1,2", "32,1", f"{nw},1", "1,0")}
+
+
 @pytest.mark.parametrize("capability", [80, 90])
 @pytest.mark.parametrize("nw,tiles,table,depth,x_ahead,shared,rows,steady,groups,hint", [
     (1, 1, False, 1, True, False, 16, False, 0, False), (2, 1, True, 2, False, False, 8, True, 0, True),
@@ -70,7 +76,7 @@ def test_every_thread_holds_whole_pairs(nw, tiles, table, depth, x_ahead, shared
                                         capability):
     """Every variant, weights loaded by Triton or by the L2-hinted PTX (``hint``), gets whole pairs."""
     ttgir = _ttgir(nw, tiles, table, depth, x_ahead, shared, rows, steady, groups, hint, capability)
-    assert segment_operand_layouts(ttgir, nw * 32) == {("1,2", "32,1", f"{nw},1", "1,0")}
+    assert segment_operand_layouts(ttgir, nw * 32) == whole_pairs(nw)
 
 
 def loop_conversions_of_words(ttgir: str, rows: int) -> list[str]:
@@ -105,7 +111,7 @@ def test_shipped_plans_hold_whole_pairs_and_keep_their_queue_layout(m, config):
     groups = skinny.late_scale_groups(64) if config["LATE_SCALE"] else 0
     ttgir = _ttgir(nw, tiles, config["TABLE"], config["DEPTH"], config["X_AHEAD"], config["SHARED_SCALES"],
                    config["ROWS"], config["STEADY"], groups, config["L2_HINT"], 90)
-    assert segment_operand_layouts(ttgir, nw * 32) == {("1,2", "32,1", f"{nw},1", "1,0")}
+    assert segment_operand_layouts(ttgir, nw * 32) == whole_pairs(nw)
     assert loop_conversions_of_words(ttgir, nw * 32) == []
 
 
