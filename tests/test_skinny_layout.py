@@ -10,6 +10,9 @@ PTX's operands is read from the compiled TTGIR.
 from __future__ import annotations
 
 import re
+import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -26,8 +29,8 @@ _TYPES = {"x_ptr": "*i64", "packed_ptr": "*i64", "code_ptr": "*fp32", "absmax_pt
 _ALIGNED = ("x_ptr", "packed_ptr", "code_ptr", "out_ptr")  # what the launcher guarantees
 
 
-def _ttgir(nw: int, tiles: int, table: bool, depth: int, x_ahead: bool, shared: bool, rows: int, steady: bool,
-           groups: int, hint: bool, capability: int) -> str:
+def _compile(nw: int, tiles: int, table: bool, depth: int, x_ahead: bool, shared: bool, rows: int, steady: bool,
+             groups: int, hint: bool, capability: int, maxnreg: int | None = None):
     kernel = skinny._skinny_kernel
     constants = dict(BS=64, NW=nw, TILES=tiles, SPLIT=1, HAS_BIAS=True, NESTED=True, F16=False, TABLE=table,
                      DEPTH=depth, X_AHEAD=x_ahead, SHARED_SCALES=shared, SCALE_BLOCKS=4,
@@ -38,8 +41,12 @@ def _ttgir(nw: int, tiles: int, table: bool, depth: int, x_ahead: bool, shared: 
     signature = {name: "constexpr" if name in constants else _TYPES.get(name, "i32") for name in kernel.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names) if name in _ALIGNED}
     source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": nw})
-    return compiled.asm["ttgir"]
+    options = {"num_warps": nw, **({"maxnreg": maxnreg} if maxnreg else {})}
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
+
+
+def _ttgir(*args) -> str:
+    return _compile(*args).asm["ttgir"]
 
 
 def segment_operand_layouts(ttgir: str, rows: int) -> set[tuple[str, str, str, str]]:
@@ -122,3 +129,34 @@ def test_the_check_sees_a_spread_pair():
              '%0:2 = tt.elementwise_inline_asm "mma.sync" %a : tensor<64x2xi64, #blocked> -> '
              "tensor<64x2xf32, #blocked>")
     assert segment_operand_layouts(ttgir, 64) == {("1,1", "16,2", "2,1", "1,0")}
+
+
+def _resources(compiled) -> tuple[int, int]:
+    """(registers per thread, shared bytes: static and Triton's own) of a compiled kernel, as the
+    cuobjdump Triton ships reads them from its cubin."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        usage = subprocess.run([str(tool), "--dump-resource-usage", str(cubin)], capture_output=True, text=True,
+                               check=True).stdout
+    return int(re.search(r"REG:(\d+)", usage).group(1)), int(re.search(r"SHARED:(\d+)", usage).group(1)) + compiled.metadata.shared
+
+
+# An H100's SM: 65536 registers (allocated per warp in units of 8 per thread) and 228 KB of shared
+# memory, 1 KB of it reserved per program; 132 SMs.
+H100_SMS, H100_REGISTERS, H100_SHARED = 132, 65536, 233472
+
+
+@pytest.mark.parametrize("n,m,config", [(n, m, cfg) for (n, _), row in tuning.FORWARD.items()
+                                        for m, (kind, cfg) in row.items() if kind == "mma" and cfg["MAXNREG"]])
+def test_register_capped_plans_run_in_one_wave(n, m, config):
+    """A register cap exists to fit the whole grid on an H100 at once: the compiled kernel keeps
+    within it, and as many programs as the weight's rows need fit on each SM."""
+    nw, rows = config["num_warps"], config["ROWS"]
+    compiled = _compile(nw, 1 if m <= 8 else 2, config["TABLE"], config["DEPTH"], config["X_AHEAD"],
+                        config["SHARED_SCALES"], rows, config["STEADY"], 0, config["L2_HINT"], 90, config["MAXNREG"])
+    registers, shared = _resources(compiled)
+    assert registers <= config["MAXNREG"]
+    per_sm = min(H100_REGISTERS // (nw * 32 * -(-registers // 8) * 8), H100_SHARED // (shared + 1024))
+    assert per_sm * H100_SMS >= -(-n // rows), (registers, shared, per_sm)

@@ -655,8 +655,9 @@ def matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, config
     program's block scales once into shared memory rather than per segment), ``STEADY`` (run
     the steps where every warp's segment is whole and in range without masks), ``LATE_SCALE``
     (scale each block's fp32 mma sums rather than the decoded codes; not with ``SHARED_SCALES``,
-    and ignored for 32-code blocks) and ``L2_HINT`` (load the packed codes with the PTX hint that
-    fills 256 bytes of L2 per miss).
+    and ignored for 32-code blocks), ``L2_HINT`` (load the packed codes with the PTX hint that
+    fills 256 bytes of L2 per miss) and ``MAXNREG`` (cap the registers per thread, so that enough
+    programs share an SM to run the whole grid in one wave; ``None``: the compiler's choice).
     """
     m, k = x.shape
     if x.stride(0) != k or x.stride(1) != 1 or x.data_ptr() % ALIGNMENT:
@@ -672,6 +673,7 @@ def matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, config
         raise ValueError("skinny config: LATE_SCALE and SHARED_SCALES cannot be combined; set one of them to False")
     blocks = scale_blocks(per_split, weight.blocksize) if shared else 1
     target = out if split == 1 else torch.empty(split, m, weight.n, dtype=torch.float32, device=x.device)
+    cap = {"maxnreg": config["MAXNREG"]} if config.get("MAXNREG") else {}  # a compile option, not a kernel argument
     _skinny_kernel[(triton.cdiv(weight.n, rows), split)](
         x.view(torch.int64), weight.packed.view(torch.int64), weight.code, *weight.scale_args(),
         bias if bias is not None else x, target, m, weight.n, k, weight.k_blocks, out.stride(0), per_split,
@@ -682,5 +684,5 @@ def matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, config
         SEGMENT_ASM=segment_asm("f16" if x.dtype == torch.float16 else "bf16", tiles, table, shared, rows, groups),
         CONSTRAINTS=segment_constraints(tiles, shared, groups), ROWS=rows, STEADY=config.get("STEADY", False),
         GROUPS=groups, L2_HINT=config.get("L2_HINT", False),
-        num_warps=config["num_warps"])
+        num_warps=config["num_warps"], **cap)
     return out if split == 1 else finish_split_k(target, bias, out, split)

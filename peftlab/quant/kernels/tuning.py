@@ -16,17 +16,19 @@ alternating rounds from HBM, 3 rounds; ``kernels-rows8b-h100.json`` the same at 
 ``kernels-steady-lab-h100.json`` (the unmasked steady loop against the masked one, the same way) and
 ``kernels-late-scale-h100.json`` (block scales applied after the mma against the plan of the time,
 two runs of 3 and 5 alternating rounds from HBM) and ``kernels-l2-hint-h100.json`` (weight loads
-with the L2 prefetch-size hint against the plan, the same way) for the rows that name them. Kinds: ``gemv1``
-(persistent one-row GEMV), ``gemv`` (CUDA-core GEMV), ``mma`` (``skinny``: up to 16 rows, the weight
-decoded in registers, or with ``TABLE`` through a shared pair table, for tensor-core ``mma.sync``;
-``DEPTH`` segments fetched ahead, activations at use unless ``X_AHEAD``, block scales from a
-per-program shared table with ``SHARED_SCALES``, ``rows=8`` for programs of 8 weight rows, twice as
-many, ``steady`` for no masks where segments are whole, ``late`` for block scales applied to the
-mma's fp32 partials, ``hint`` for weight loads that fill 256 bytes of L2 per miss), ``fused``
-(dequantize tiles into ``tl.dot``), ``chunked`` (dequantize into a scratch buffer + cuBLAS; the
-value is the chunk size in elements, ``None`` for the whole weight at once), ``overlap`` (chunks as
-``chunked``, the next one dequantized on a side stream during the current GEMM). The comments give
-the measured time, for some rows against the config it replaced in the same run.
+with the L2 prefetch-size hint against the plan, the same way) and ``kernels-occupancy-h100.json``
+(more warps per program and register caps against the plan, the same way) for the rows that name
+them. Kinds: ``gemv1`` (persistent one-row GEMV), ``gemv`` (CUDA-core GEMV), ``mma`` (``skinny``: up
+to 16 rows, the weight decoded in registers, or with ``TABLE`` through a shared pair table, for
+tensor-core ``mma.sync``; ``DEPTH`` segments fetched ahead, activations at use unless ``X_AHEAD``,
+block scales from a per-program shared table with ``SHARED_SCALES``, ``rows=8`` for programs of 8
+weight rows, twice as many, ``steady`` for no masks where segments are whole, ``late`` for block
+scales applied to the mma's fp32 partials, ``hint`` for weight loads that fill 256 bytes of L2 per
+miss, ``maxnreg`` for a cap on registers per thread), ``fused`` (dequantize tiles into ``tl.dot``),
+``chunked`` (dequantize into a scratch buffer + cuBLAS; the value is the chunk size in elements,
+``None`` for the whole weight at once), ``overlap`` (chunks as ``chunked``, the next one dequantized
+on a side stream during the current GEMM). The comments give the measured time, for some rows
+against the config it replaced in the same run.
 """
 from __future__ import annotations
 
@@ -38,9 +40,10 @@ import torch
 
 def _mma(warps: int, split: int, table: bool = False, depth: int = 1, x_ahead: bool = True,
          shared_scales: bool = False, rows: int = 16, steady: bool = False, late: bool = False,
-         hint: bool = False) -> dict:
+         hint: bool = False, maxnreg: int | None = None) -> dict:
     return {"SPLIT": split, "num_warps": warps, "TABLE": table, "DEPTH": depth, "X_AHEAD": x_ahead,
-            "SHARED_SCALES": shared_scales, "ROWS": rows, "STEADY": steady, "LATE_SCALE": late, "L2_HINT": hint}
+            "SHARED_SCALES": shared_scales, "ROWS": rows, "STEADY": steady, "LATE_SCALE": late, "L2_HINT": hint,
+            "MAXNREG": maxnreg}
 
 
 DEQUANT_CONFIG = {"elems_per_program": 2048, "num_warps": 4, "flat_block": 1024}
@@ -59,9 +62,9 @@ FORWARD = {
         4096: ('overlap', 8388608),  # 213.8 us vs 217.9 whole (alternating rounds)
     },
     (4096, 11008): {
-        1: ('mma', _mma(8, 1, table=True, rows=8, hint=True)),  # 16.1-16.3 us vs 16.5-16.8 late (kernels-l2-hint)
-        2: ('mma', _mma(8, 1, table=True, rows=8, hint=True)),  # as M=1
-        4: ('mma', _mma(8, 1, table=True, depth=2, late=True)),  # 16.7 us vs 17.7-17.9 (kernels-late-scale)
+        1: ('mma', _mma(8, 1, table=True, hint=True)),  # 15.9-16.2 us vs 16.0-16.4 8-row (kernels-occupancy, 2 runs)
+        2: ('mma', _mma(8, 1, table=True, hint=True)),  # 16.0-16.4 us vs 16.3-16.7 (kernels-occupancy, 2 runs)
+        4: ('mma', _mma(8, 1, table=True, hint=True)),  # 16.7 us vs 16.9-17.0 late (kernels-occupancy, 2 runs)
         8: ('mma', _mma(8, 1, table=True, depth=2, late=True, hint=True)),  # 17.7 us vs 18.0 (kernels-l2-hint)
         12: ('mma', _mma(8, 1)),  # 21.9 us vs 30.1 fused
         16: ('mma', _mma(8, 1, hint=True)),  # 23.1-23.4 us vs 23.4-23.6 (kernels-l2-hint, 2 runs)
@@ -71,9 +74,10 @@ FORWARD = {
         4096: ('overlap', 12582912),  # 1024-row chunks: 497.2 us vs 540.0 whole (kernels-overlap-trials)
     },
     (11008, 4096): {
-        1: ('mma', _mma(2, 1, table=True, depth=2, hint=True)),  # 15.3-15.4 us vs 15.9 (kernels-l2-hint)
-        2: ('mma', _mma(2, 1, table=True, depth=2, hint=True)),  # as M=1 and M=4
-        4: ('mma', _mma(2, 1, table=True, depth=2, hint=True)),  # 16.3-16.6 us vs 17.0-17.1 (kernels-l2-hint)
+        # 4 warps take half the segments each of 2; 72 registers keep 6 programs per SM, all 688 in one wave
+        1: ('mma', _mma(4, 1, table=True, hint=True, maxnreg=72)),  # 14.5-14.6 us vs 15.4-15.6 (kernels-occupancy, 3 runs)
+        2: ('mma', _mma(4, 1, table=True, hint=True, maxnreg=72)),  # 14.8-15.0 us vs 15.8-15.9 (kernels-occupancy, 2 runs)
+        4: ('mma', _mma(4, 1, table=True, hint=True, maxnreg=72)),  # 16.3-16.5 us vs 16.6-16.7 (kernels-occupancy, 2 runs)
         8: ('mma', _mma(4, 1)),  # 19.3 us vs 31.5 fused
         12: ('mma', _mma(2, 1)),  # 22.6 us vs 31.5 fused
         16: ('mma', _mma(2, 1, depth=2, shared_scales=True, steady=True, hint=True)),  # 22.1-22.4 us vs 22.2-22.6 (kernels-l2-hint, 2 runs)
@@ -317,7 +321,8 @@ def sweep_candidates() -> dict:
         + [_mma(w, 1, t, d, x, rows=rows, late=True) for rows in (16, 8) for w in (2, 4, 8) for t in (False, True)
            for d, x in ((1, True), (2, False))]
         + [_mma(w, 1, True, d, x, rows=rows, late=late, hint=True) for rows in (16, 8) for w in (2, 4, 8)
-           for d, x in ((1, True), (2, True)) for late in (False, True)],
+           for d, x in ((1, True), (2, True)) for late in (False, True)]
+        + [_mma(4, 1, True, hint=True, maxnreg=cap) for cap in (64, 72, 80)],
         "fused": [_fused(64, 128, 128, 4, 3, 2), _fused(64, 64, 128, 4, 3, 2), _fused(64, 128, 128, 4, 3, 4),
                   _fused(64, 64, 128, 4, 3)],
         "chunked": [{"chunk_elems": None}, {"chunk_elems": 32 << 20}],
