@@ -349,10 +349,22 @@ def _relative_errors(value: torch.Tensor, reference: torch.Tensor) -> tuple[floa
 def _reload(folder: Path, cls, dtype: torch.dtype, device: torch.device) -> nn.Module:
     """The written folder as transformers loads it, in a new model object (no peftlab hooks)."""
     try:
-        return cls.from_pretrained(folder, dtype=dtype, device_map={"": device}).eval()
+        model = cls.from_pretrained(folder, dtype=dtype, device_map={"": device}).eval()
     except Exception as err:  # whatever transformers raises, the export is not loadable
         raise ExportError(f"the exported folder does not load with transformers ({type(err).__name__}: "
                           f"{(str(err).strip().splitlines() or [''])[0]}); nothing was written.") from None
+    return generic_bnb_cpu_path(model)
+
+
+def generic_bnb_cpu_path(model: nn.Module) -> nn.Module:
+    """Keeps bitsandbytes' 4-bit layers on their generic path on the CPU. On CPUs with AVX512-BF16,
+    bitsandbytes (0.50) repacks their weights for a bf16 kernel at the first forward in eval mode,
+    which fails where rows are not whole blocks or the row count is not a multiple of 32, and rounds
+    the scales to bf16 elsewhere; the check should measure the exported weights alike on every CPU."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 # ----------------------------------------------------------------------------- writing

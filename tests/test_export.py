@@ -25,9 +25,9 @@ import peftlab
 from peftlab import BitFitConfig, HoulsbyConfig, LoraConfig, PrefixTuningConfig
 from peftlab.cli import merge as _register_merge  # noqa: F401
 from peftlab.cli.app import app
-from peftlab.export import ExportError, export
+from peftlab.export import ExportError, export, generic_bnb_cpu_path
 from peftlab.quant import quantize_model
-from tests.conftest import make_bert_classifier, make_gpt2, make_llama, one_line_error
+from tests.conftest import bnb_dequantize, make_bert_classifier, make_gpt2, make_llama, one_line_error
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).resolve().parents[1]
@@ -161,7 +161,8 @@ def test_qlora_adapter_merges_into_the_dequantized_nf4_base(tmp_path):
 def test_nf4_export_loads_through_transformers_and_bitsandbytes(tmp_path):
     import bitsandbytes as bnb
 
-    base_dir, adapter_dir, wrapped = saved_pair(tmp_path, make_llama(), LoraConfig(r=4))
+    # rows of whole 64-blocks: bitsandbytes' CPU forward is only right for those on every host
+    base_dir, adapter_dir, wrapped = saved_pair(tmp_path, make_llama(intermediate_size=128), LoraConfig(r=4))
     unmerged = logits(wrapped)
     merged = wrapped.merge_and_unload()
     report = export(adapter_dir, tmp_path / "out", base=base_dir, quantize="nf4")
@@ -169,7 +170,8 @@ def test_nf4_export_loads_through_transformers_and_bitsandbytes(tmp_path):
     assert qc["quant_method"] == "bitsandbytes" and qc["load_in_4bit"] and qc["bnb_4bit_quant_type"] == "nf4"
     assert qc["bnb_4bit_use_double_quant"] and qc["bnb_4bit_compute_dtype"] == "float32"
     assert qc["bnb_4bit_quant_storage"] == "uint8" and qc["llm_int8_skip_modules"] == ["lm_head"]
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    # exact fp32 on every CPU: CPUs with AVX512-BF16 would take bitsandbytes' bf16 kernel (see the helper)
+    reloaded = generic_bnb_cpu_path(AutoModelForCausalLM.from_pretrained(tmp_path / "out"))
     assert isinstance(reloaded.model.layers[0].mlp.down_proj, bnb.nn.Linear4bit)
     # independent reference: the dense merged weights quantized and dequantized by bitsandbytes itself
     with torch.no_grad():
@@ -177,11 +179,25 @@ def test_nf4_export_loads_through_transformers_and_bitsandbytes(tmp_path):
             if isinstance(module, torch.nn.Linear) and module is not merged.lm_head:
                 packed, state = bnbf.quantize_4bit(module.weight, blocksize=64, quant_type="nf4",
                                                    compress_statistics=True)
-                module.weight.copy_(bnbf.dequantize_4bit(packed, state))
+                module.weight.copy_(bnb_dequantize(packed, state))
     close(logits(reloaded), logits(merged), 1e-5)
     # the report measures the re-quantization error against the unmerged model (large on a tiny random model)
     assert 0 < report.mean_relative_error <= report.max_relative_error
     assert not logits(reloaded).allclose(unmerged)
+
+
+def test_the_check_keeps_bitsandbytes_on_its_generic_cpu_path(tmp_path):
+    """The flag bitsandbytes reads before repacking for its AVX512-BF16 kernel is off on every 4-bit
+    layer, so that the check runs (and measures) alike on every CPU."""
+    base_dir, adapter_dir, _ = saved_pair(tmp_path, make_llama(), LoraConfig(r=4))
+    export(adapter_dir, tmp_path / "out", base=base_dir, quantize="nf4")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    assert len(layers) == 14  # 7 projections in each of 2 layers; lm_head stays dense
+    for module in layers:  # as on a CPU that has the instructions; only the flags are read, no forward
+        module.support_avx512bf16_for_cpu = True
+    generic_bnb_cpu_path(model)
+    assert not any(module.support_avx512bf16_for_cpu for module in layers)
 
 
 def test_resized_vocabularies_and_trained_embeddings_survive(tmp_path):

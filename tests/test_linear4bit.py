@@ -14,6 +14,7 @@ from bitsandbytes.nn import Linear4bit, Params4bit  # noqa: E402
 from peftlab.quant.kernels import dispatch  # noqa: E402
 from peftlab.quant.linear4bit import NF4Linear  # noqa: E402
 from peftlab.quant.nf4 import NF4FormatError  # noqa: E402
+from tests.conftest import bnb_dequantize  # noqa: E402
 
 BLOB = "weight.quant_state.bitsandbytes__nf4"
 
@@ -31,7 +32,7 @@ def _linear(in_f=128, out_f=96, bias=True, dtype=torch.float32, seed=0) -> nn.Li
 def _bnb_dequantized(weight: torch.Tensor, blocksize=64, double_quant=True) -> torch.Tensor:
     """bitsandbytes' own quantize -> dequantize of ``weight`` ([out, in])."""
     packed, state = bnbf.quantize_4bit(weight, blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4")
-    return bnbf.dequantize_4bit(packed, state)
+    return bnb_dequantize(packed, state)
 
 
 def _bnb_layer(lin: nn.Linear, double_quant=True, blocksize=64) -> Linear4bit:
@@ -162,7 +163,7 @@ def test_peftlab_layer_loads_into_bitsandbytes(double_quant):
     stats = {k: v for k, v in sd.items() if k.startswith("weight.")}
     layer.weight = Params4bit.from_prequantized(sd["weight"], stats, device="cpu", module=layer)
     layer.bias = nn.Parameter(sd["bias"].float())
-    assert torch.equal(bnbf.dequantize_4bit(layer.weight, layer.weight.quant_state), ours.dequantize())
+    assert torch.equal(bnb_dequantize(layer.weight, layer.weight.quant_state), ours.dequantize())
     x = torch.randn(3, 128)
     ours.bias.data = ours.bias.data.float()
     assert torch.allclose(layer(x), ours(x), rtol=1e-5, atol=1e-5)
@@ -176,7 +177,7 @@ def test_bitsandbytes_state_dict_loads_into_fresh_layer(source_dq, target_dq):
     result = layer.load_state_dict(ref.state_dict())
     assert not result.missing_keys and not result.unexpected_keys
     assert layer.double_quant == source_dq
-    assert torch.equal(layer.dequantize(), bnbf.dequantize_4bit(ref.weight, ref.weight.quant_state))
+    assert torch.equal(layer.dequantize(), bnb_dequantize(ref.weight, ref.weight.quant_state))
     x = torch.randn(2, 128)
     assert torch.equal(layer(x), nn.functional.linear(x, layer.dequantize(), ref.bias))
 

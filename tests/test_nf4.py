@@ -17,6 +17,7 @@ from peftlab.quant.nf4 import (  # noqa: E402
     dequantize_nf4,
     quantize_nf4,
 )
+from tests.conftest import bnb_dequantize  # noqa: E402
 
 BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
 
@@ -59,7 +60,7 @@ def assert_same_as_bitsandbytes(w: torch.Tensor, blocksize: int, double_quant: b
         assert state.nested_absmax is None and state.offset is None
     # Compare values in fp32, then our cast: bitsandbytes' AVX-512 CPU kernel rounds fp16 output its own way.
     ref.dtype = torch.float32
-    expected = bnbf.dequantize_4bit(ref_packed, ref).reshape(w.shape)
+    expected = bnb_dequantize(ref_packed, ref).reshape(w.shape)
     assert torch.equal(dequantize_nf4(packed, state, torch.float32), expected), f"dequantized differs: {tag}"
     assert torch.equal(dequantize_nf4(packed, state), expected.to(w.dtype)), tag
 
@@ -123,7 +124,7 @@ def test_all_zero_blocks_decode_to_zero(double_quant):
     packed, state = quantize_nf4(w, 64, double_quant)
     ref_packed, ref = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=double_quant, quant_type="nf4")
     got = dequantize_nf4(packed, state)
-    assert torch.equal(got, bnbf.dequantize_4bit(ref_packed, ref))
+    assert torch.equal(got, bnb_dequantize(ref_packed, ref))
     assert torch.all(got[3] == 0) and torch.all(got[10, :128] == 0)
 
 
