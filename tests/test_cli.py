@@ -152,7 +152,9 @@ def test_resume_continues_exactly(workspace, tmp_path):
 
 def test_sigterm_writes_a_checkpoint_and_exits_cleanly(workspace, tmp_path):
     out = tmp_path / "run"
-    args = causal_args(workspace, out, "--max_steps", "400", "--output.log_every", "1", "--lr", "1e-4")
+    # no periodic checkpoint before the signal (an epoch is a few steps): the only one is SIGTERM's
+    args = causal_args(workspace, out, "--max_steps", "400", "--output.log_every", "1", "--lr", "1e-4",
+                       "--output.save_every", "1000")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "peftlab.cli", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
