@@ -110,14 +110,20 @@ def test_queued_words_keep_their_layout_through_the_loops(nw, tiles, table, shar
     assert loop_conversions_of_words(ttgir, nw * 32) == []
 
 
+def _compile_plan(m: int, config: dict):
+    """A plan of the forward tables compiled for sm_90 as the dispatcher runs it (64-code blocks)."""
+    return _compile(config["num_warps"], 1 if m <= 8 else 2, config["TABLE"], config["DEPTH"], config["X_AHEAD"],
+                    config["SHARED_SCALES"], config["ROWS"], config["STEADY"],
+                    skinny.late_scale_groups(64) if config["LATE_SCALE"] else 0, config["L2_HINT"], 90,
+                    config["MAXNREG"])
+
+
 @pytest.mark.parametrize("m,config", tuning.mma_plans())
 def test_shipped_plans_hold_whole_pairs_and_keep_their_queue_layout(m, config):
     """What the dispatcher runs, compiled as it runs (64-code blocks): whole pairs for the PTX, and no
     queued words converted inside the loops."""
-    nw, tiles = config["num_warps"], 1 if m <= 8 else 2
-    groups = skinny.late_scale_groups(64) if config["LATE_SCALE"] else 0
-    ttgir = _ttgir(nw, tiles, config["TABLE"], config["DEPTH"], config["X_AHEAD"], config["SHARED_SCALES"],
-                   config["ROWS"], config["STEADY"], groups, config["L2_HINT"], 90)
+    nw = config["num_warps"]
+    ttgir = _compile_plan(m, config).asm["ttgir"]
     assert segment_operand_layouts(ttgir, nw * 32) == whole_pairs(nw)
     assert loop_conversions_of_words(ttgir, nw * 32) == []
 
@@ -140,7 +146,8 @@ def _resources(compiled) -> tuple[int, int]:
         cubin.write_bytes(compiled.asm["cubin"])
         usage = subprocess.run([str(tool), "--dump-resource-usage", str(cubin)], capture_output=True, text=True,
                                check=True).stdout
-    return int(re.search(r"REG:(\d+)", usage).group(1)), int(re.search(r"SHARED:(\d+)", usage).group(1)) + compiled.metadata.shared
+    static = int(re.search(r"SHARED:(\d+)", usage).group(1))
+    return int(re.search(r"REG:(\d+)", usage).group(1)), static + compiled.metadata.shared
 
 
 # An H100's SM: 65536 registers (allocated per warp in units of 8 per thread) and 228 KB of shared
@@ -154,9 +161,7 @@ def test_register_capped_plans_run_in_one_wave(n, m, config):
     """A register cap exists to fit the whole grid on an H100 at once: the compiled kernel keeps
     within it, and as many programs as the weight's rows need fit on each SM."""
     nw, rows = config["num_warps"], config["ROWS"]
-    compiled = _compile(nw, 1 if m <= 8 else 2, config["TABLE"], config["DEPTH"], config["X_AHEAD"],
-                        config["SHARED_SCALES"], rows, config["STEADY"], 0, config["L2_HINT"], 90, config["MAXNREG"])
-    registers, shared = _resources(compiled)
+    registers, shared = _resources(_compile_plan(m, config))
     assert registers <= config["MAXNREG"]
     per_sm = min(H100_REGISTERS // (nw * 32 * -(-registers // 8) * 8), H100_SHARED // (shared + 1024))
     assert per_sm * H100_SMS >= -(-n // rows), (registers, shared, per_sm)

@@ -74,7 +74,8 @@ FORWARD = {
         4096: ('overlap', 12582912),  # 1024-row chunks: 497.2 us vs 540.0 whole (kernels-overlap-trials)
     },
     (11008, 4096): {
-        # 4 warps take half the segments each of 2; 72 registers keep 6 programs per SM, all 688 in one wave
+        # 4 warps, each walking half the segments one of 2 warps did; 72 registers keep 6 programs per SM,
+        # so all 688 run in one wave
         1: ('mma', _mma(4, 1, table=True, hint=True, maxnreg=72)),  # 14.5-14.6 us vs 15.4-15.6 (kernels-occupancy, 3 runs)
         2: ('mma', _mma(4, 1, table=True, hint=True, maxnreg=72)),  # 14.8-15.0 us vs 15.8-15.9 (kernels-occupancy, 2 runs)
         4: ('mma', _mma(4, 1, table=True, hint=True, maxnreg=72)),  # 16.3-16.5 us vs 16.6-16.7 (kernels-occupancy, 2 runs)
