@@ -17,10 +17,11 @@ lane's lookups never conflict (32 KB). A packed byte then costs one ``prmt`` (ex
 ``mad`` (address) and one ``ld.shared``, which leaves the integer pipe a third of the work of the
 register decode; the table is faster at 1-4 rows, the register decode where B tiles are full.
 With ``SHARED_SCALES`` each program first decodes its rows' block scales (double quantization
-included) into a shared table of bf16x2/f16x2 pairs, so a segment reads them with one
-``ld.shared``: about 40 fewer instructions per segment, which pays where decode leaves issue
-slots to spare (16 rows), not with the pair table at 1 row (likely because the extra shared
-memory leaves room for one program fewer per SM).
+included) into shared memory, one bf16/f16 pair (rows g and g + 8) per lane row and block (2 KB
+for 64 blocks), so a segment reads them with one ``ld.shared`` and two ``prmt``: about 40 fewer
+instructions per segment, and no dependent code-table gather. It pays at 16 rows, and with the
+pair table on the tall shapes' 16-row programs (4096×11008 at 1-4 rows), not where the table
+already holds a program per SM to its limit (11008×4096 at 1 row).
 
 With ``ROWS=8`` a program takes 8 weight rows and leaves the mma's rows 8-15 empty: twice the
 programs for weights with few rows (4096×4096 at 1-4 activation rows). With ``STEADY`` the steps
@@ -135,7 +136,7 @@ def segment_asm(kind: str, tiles: int, table: bool, shared_scales: bool, rows: i
     if groups:
         lines.append("mov.f32 z, 0f00000000;")
     elif shared_scales:
-        lines.append(f"ld.shared.v2.b32 {{sg, sh}}, [${scale}];")
+        lines.append(f"ld.shared.b32 sg, [${scale}]; prmt.b32 sh, sg, 0, 0x3232; prmt.b32 sg, sg, 0, 0x1010;")
     else:
         lines.append(f"cvt.rn.{kind}x2.f32 sg, ${scale}, ${scale}; cvt.rn.{kind}x2.f32 sh, ${scale + 1}, ${scale + 1};")
     if rows == 8:
@@ -226,9 +227,9 @@ def scale_blocks(segments: int, blocksize: int) -> int:
 
 @functools.cache
 def scale_table_decl(blocks: int) -> str:
-    """PTX declaring ``_fill_scales``' table for ``blocks`` blocks (64 bytes each; the size is fixed
+    """PTX declaring ``_fill_scales``' table for ``blocks`` blocks (32 bytes each; the size is fixed
     per compiled kernel) and returning its address."""
-    return f"{{ .shared .align 16 .b8 nf4_scale_table[{64 * blocks}]; mov.u32 $0, nf4_scale_table; }}"
+    return f"{{ .shared .align 16 .b8 nf4_scale_table[{32 * blocks}]; mov.u32 $0, nf4_scale_table; }}"
 
 
 @triton.jit
@@ -236,24 +237,27 @@ def _fill_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, seg0, s
                  NESTED: tl.constexpr, DT: tl.constexpr, NW: tl.constexpr, BLOCKS: tl.constexpr,
                  DECLARE: tl.constexpr, ROWS: tl.constexpr):
     """Decodes the block scales of the program's rows and segments once, into shared memory as
-    DT pairs (the value twice, the ``fma`` operand): block b's entry for lane row g is 8 bytes at
-    ``(b * 8 + g) * 8``, row g's pair then row g + 8's, so a warp's 32 lanes read one 128-byte line
-    per segment. Blocks past K or the program's rows (``row_end``) hold 0. All loads go out at
-    once (``BLOCKS``: a power of two covering the blocks); returns the table's address."""
-    r = tl.arange(0, 16)[:, None]
+    DT pairs: block b's entry for lane row g is 4 bytes at ``(b * 8 + g) * 4``, row g's scale in
+    the low half and row g + 8's in the high one (the segment PTX spreads each over a pair), so a
+    warp's 32 lanes read 64 bytes per segment. Blocks past K or the program's rows (``row_end``)
+    hold 0. All loads go out at once (``BLOCKS``: a power of two covering the blocks); returns the
+    table's address."""
+    g = tl.arange(0, 8)[:, None]
     b = tl.arange(0, BLOCKS)[None, :]
-    # declared once per thread (a [16, BLOCKS] operand would repeat the declaration per element)
+    # declared once per thread (a [8, BLOCKS] operand would repeat the declaration per element)
     t = tl.arange(0, NW * 32)
     table = tl.max(tl.inline_asm_elementwise(DECLARE, "=r,r", [t], dtype=tl.int32, is_pure=True, pack=1), axis=0)
     blk0 = seg0 * 128 // BS
     used = b < (seg_end * 128 + BS - 1) // BS - blk0
-    row = tl.program_id(0) * ROWS + r
-    ok = used & (row < row_end) & (blk0 + b < KB)
-    q, outer = scale_bytes(absmax_ptr, nested_absmax_ptr, row.to(tl.int64) * KB + blk0 + b, ok, NESTED)
-    bits = decode_scales(nested_code_ptr, offset, q, outer, ok, NESTED).to(DT).to(tl.int16, bitcast=True)
-    bits = bits.to(tl.int32) & 0xFFFF
-    tl.inline_asm_elementwise(_STORE_SHARED, "=r,r,r,r", [table + (b * 8 + r % 8) * 8 + (r // 8) * 4, bits | (bits << 16),
-                              used.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+    bits = tl.zeros((8, BLOCKS), tl.int32)
+    for half in tl.static_range(2):  # rows g, then rows g + 8
+        row = tl.program_id(0) * ROWS + g + 8 * half
+        ok = used & (row < row_end) & (blk0 + b < KB)
+        q, outer = scale_bytes(absmax_ptr, nested_absmax_ptr, row.to(tl.int64) * KB + blk0 + b, ok, NESTED)
+        scale = decode_scales(nested_code_ptr, offset, q, outer, ok, NESTED).to(DT).to(tl.int16, bitcast=True)
+        bits = bits | ((scale.to(tl.int32) & 0xFFFF) << (16 * half))
+    tl.inline_asm_elementwise(_STORE_SHARED, "=r,r,r,r", [table + (b * 8 + g) * 4, bits, used.to(tl.int32)],
+                              dtype=tl.int32, is_pure=False, pack=1)
     tl.debug_barrier()
     return table
 
@@ -498,7 +502,7 @@ def _segment(queue, acts, accs, slot: tl.constexpr, MASKED: tl.constexpr, seg, s
         block = (seg * 128 + 32 * c) // BS - blk0
         if MASKED:
             block = tl.where(seg < seg_end, block, 0)
-        scale = (zero + (scales + (block * 8 + (r % 32) // 4) * 8),)
+        scale = (zero + (scales + (block * 8 + (r % 32) // 4) * 4),)
     else:
         scale = ()
         columns = _lane_columns(seg, c, GROUPS)

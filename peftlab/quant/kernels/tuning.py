@@ -62,9 +62,9 @@ FORWARD = {
         4096: ('overlap', 8388608),  # 213.8 us vs 217.9 whole (alternating rounds)
     },
     (4096, 11008): {
-        1: ('mma', _mma(8, 1, table=True, hint=True)),  # 15.9-16.2 us vs 16.0-16.4 8-row (kernels-occupancy, 2 runs)
-        2: ('mma', _mma(8, 1, table=True, hint=True)),  # 16.0-16.4 us vs 16.3-16.7 (kernels-occupancy, 2 runs)
-        4: ('mma', _mma(8, 1, table=True, hint=True)),  # 16.7 us vs 16.9-17.0 late (kernels-occupancy, 2 runs)
+        1: ('mma', _mma(8, 1, table=True, shared_scales=True, hint=True)),  # 15.6 us vs 15.9-16.0 (kernels-shared-scales, 2 runs)
+        2: ('mma', _mma(8, 1, table=True, shared_scales=True, hint=True)),  # 15.5-15.6 us vs 15.9-16.2 (kernels-shared-scales, 2 runs)
+        4: ('mma', _mma(8, 1, table=True, shared_scales=True, hint=True)),  # 16.0-16.4 us vs 16.5-16.9 (kernels-shared-scales, 2 runs)
         8: ('mma', _mma(8, 1, table=True, depth=2, late=True, hint=True)),  # 17.7 us vs 18.0 (kernels-l2-hint)
         12: ('mma', _mma(8, 1)),  # 21.9 us vs 30.1 fused
         16: ('mma', _mma(8, 1, hint=True)),  # 23.1-23.4 us vs 23.4-23.6 (kernels-l2-hint, 2 runs)
@@ -79,7 +79,7 @@ FORWARD = {
         1: ('mma', _mma(4, 1, table=True, hint=True, maxnreg=72)),  # 14.5-14.6 us vs 15.4-15.6 (kernels-occupancy, 3 runs)
         2: ('mma', _mma(4, 1, table=True, hint=True, maxnreg=72)),  # 14.8-15.0 us vs 15.8-15.9 (kernels-occupancy, 2 runs)
         4: ('mma', _mma(4, 1, table=True, hint=True, maxnreg=72)),  # 16.3-16.5 us vs 16.6-16.7 (kernels-occupancy, 2 runs)
-        8: ('mma', _mma(4, 1)),  # 19.3 us vs 31.5 fused
+        8: ('mma', _mma(4, 1, shared_scales=True, hint=True)),  # 20.4 us vs 21.1 (kernels-shared-scales)
         12: ('mma', _mma(2, 1)),  # 22.6 us vs 31.5 fused
         16: ('mma', _mma(2, 1, depth=2, shared_scales=True, steady=True, hint=True)),  # 22.1-22.4 us vs 22.2-22.6 (kernels-l2-hint, 2 runs)
         64: ('fused', {'BM': 64, 'BN': 64, 'BK': 128, 'SPLIT_K': 2, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 45.7 us
@@ -90,8 +90,8 @@ FORWARD = {
     (14336, 4096): {
         1: ('mma', _mma(4, 1, table=True, depth=2, x_ahead=False, hint=True)),  # 19.8-20.0 us vs 20.0-20.4 (kernels-l2-hint, 4 runs)
         2: ('mma', _mma(4, 1, table=True, depth=2, x_ahead=False, hint=True)),  # 20.3 us vs 20.7 (kernels-l2-hint)
-        4: ('mma', _mma(4, 1, table=True)),  # 22.0 us (kernels-mma-depth)
-        8: ('mma', _mma(4, 1, table=True)),  # 22.4 us vs 23.1 (kernels-mma-table-alternating)
+        4: ('mma', _mma(4, 1, table=True, shared_scales=True, hint=True)),  # 21.5 us vs 22.7 (kernels-shared-scales)
+        8: ('mma', _mma(4, 1, table=True, shared_scales=True)),  # 23.0 us vs 25.0-25.2 (kernels-shared-scales)
         12: ('mma', _mma(4, 1)),  # 26.8 us vs 36.8 fused
         16: ('mma', _mma(2, 1, depth=2, x_ahead=False, shared_scales=True, steady=True, hint=True)),  # 26.8-27.3 us vs 27.7-28.0 (kernels-l2-hint, 2 runs)
         64: ('fused', {'BM': 64, 'BN': 128, 'BK': 128, 'SPLIT_K': 2, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 46.0 us
@@ -323,7 +323,8 @@ def sweep_candidates() -> dict:
            for d, x in ((1, True), (2, False))]
         + [_mma(w, 1, True, d, x, rows=rows, late=late, hint=True) for rows in (16, 8) for w in (2, 4, 8)
            for d, x in ((1, True), (2, True)) for late in (False, True)]
-        + [_mma(4, 1, True, hint=True, maxnreg=cap) for cap in (64, 72, 80)],
+        + [_mma(4, 1, True, hint=True, maxnreg=cap) for cap in (64, 72, 80)]
+        + [_mma(w, 1, t, shared_scales=True, hint=True) for w in (4, 8) for t in (False, True)],
         "fused": [_fused(64, 128, 128, 4, 3, 2), _fused(64, 64, 128, 4, 3, 2), _fused(64, 128, 128, 4, 3, 4),
                   _fused(64, 64, 128, 4, 3)],
         "chunked": [{"chunk_elems": None}, {"chunk_elems": 32 << 20}],
