@@ -19,9 +19,9 @@ register decode; the table is faster at 1-4 rows, the register decode where B ti
 With ``SHARED_SCALES`` each program first decodes its rows' block scales (double quantization
 included) into shared memory, one bf16/f16 pair (rows g and g + 8) per lane row and block (2 KB
 for 64 blocks), so a segment reads them with one ``ld.shared`` and two ``prmt``: about 40 fewer
-instructions per segment, and no dependent code-table gather. It pays at 16 rows, and with the
-pair table on the tall shapes' 16-row programs (4096×11008 at 1-4 rows), not where the table
-already holds a program per SM to its limit (11008×4096 at 1 row).
+instructions per segment, and no dependent code-table gather. It pays at 16 rows and, measured
+shape by shape, at some smaller row counts (4096×11008 at 1-4 rows with the pair table); at others
+it loses (11008×4096 at 1-4 rows), so the tables decide.
 
 With ``ROWS=8`` a program takes 8 weight rows and leaves the mma's rows 8-15 empty: twice the
 programs for weights with few rows (4096×4096 at 1-4 activation rows). With ``STEADY`` the steps
