@@ -2,9 +2,9 @@
 ``tests/ptx_model.py`` its inline PTX (decode, shared tables, ``mma``), against the torch reference
 in fp32. Covers what only a GPU run covered before: partial segments and row groups, split K, one to
 eight warps, 16- and 8-row programs, masked and steady loops, scaling before and after the mma,
-every decode and queue variant, weight loads with and without the L2 hint, with and without bias,
-fp16 and bf16 (the kernel does no bf16 arithmetic in Triton, which the interpreter gets wrong; the
-PTX model rounds through torch), and every plan the dispatcher ships.
+every decode and queue variant, masked loops unrolled or not, weight loads with and without the L2
+hint, with and without bias, fp16 and bf16 (the kernel does no bf16 arithmetic in Triton, which the
+interpreter gets wrong; the PTX model rounds through torch), and every plan the dispatcher ships.
 """
 from __future__ import annotations
 
@@ -54,8 +54,9 @@ else:
                 steady = (i // 2 + m) % 2 == 0  # half with the unmasked steady loop, with and without shared scales
                 late = not shared and (i // 4 + m) % 2 == 0  # half the rest scale after the mma
                 hint = (i + i // 4 + m) % 2 == 0  # half load the weights through the hinted PTX
+                unroll = 2 if (i // 3 + m) % 2 == 0 else 1  # half take two masked steps per iteration
                 config = dict(config, TABLE=table, DEPTH=depth, X_AHEAD=ahead, SHARED_SCALES=shared, ROWS=rows,
-                              STEADY=steady, LATE_SCALE=late, L2_HINT=hint)
+                              STEADY=steady, LATE_SCALE=late, L2_HINT=hint, UNROLL=unroll)
                 b = bias if with_bias else None
                 out = skinny.matmul(x, weight, b, config)
                 expect = x.float() @ ref.t() + (b.float() if b is not None else 0)

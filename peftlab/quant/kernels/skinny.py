@@ -34,7 +34,10 @@ block instead of 8-16 ``bf16x2`` multiplies, and the products are no longer roun
 ``64 + 16c ..``) rather than 16 contiguous, so that the four lanes of every k-step share a block.
 With ``L2_HINT`` the packed codes are loaded by inline PTX with the ``L2::256B`` prefetch-size
 qualifier: a miss brings the next 256 bytes of the row into L2 (four segments), so the following
-segments of a row wait on L2 rather than HBM.
+segments of a row wait on L2 rather than HBM. With ``UNROLL=2`` the masked loop takes two steps
+per iteration, so the loads queued for the next segment land in the registers the step before
+last used, instead of being moved into the queue's registers at every step (20 register moves
+per segment in the loop of 11008×4096's one-row plan, the first waiting on the load).
 
 Against the CUDA-core GEMVs there are no codebook gathers through L1 and no per-element FMA
 (about five instructions per weight in the compiled loop, two of them ``prmt``), and the
@@ -548,7 +551,8 @@ def _skinny_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, n
                    HAS_BIAS: tl.constexpr, NESTED: tl.constexpr, F16: tl.constexpr, TABLE: tl.constexpr,
                    DEPTH: tl.constexpr, X_AHEAD: tl.constexpr, SHARED_SCALES: tl.constexpr, SCALE_BLOCKS: tl.constexpr,
                    SCALE_DECL: tl.constexpr, SEGMENT_ASM: tl.constexpr, CONSTRAINTS: tl.constexpr,
-                   ROWS: tl.constexpr, STEADY: tl.constexpr, GROUPS: tl.constexpr, L2_HINT: tl.constexpr):
+                   ROWS: tl.constexpr, STEADY: tl.constexpr, GROUPS: tl.constexpr, L2_HINT: tl.constexpr,
+                   UNROLL: tl.constexpr):
     # x_ptr and packed_ptr are int64 views (4 activations, 16 codes). A thread's tensors are
     # [NW * 32, 2], row r on lane r % 32 of warp r // 32 (the layout the PTX relies on), a pair per
     # thread: element e of the scales is weight row g + 8e's, of an accumulator activation row 2c + e.
@@ -601,7 +605,17 @@ def _skinny_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, n
                                              planes, scales, blk0, zero, BS, NW, TILES, NESTED, DEPTH, X_AHEAD,
                                              SHARED_SCALES, STEADY, ROWS, GROUPS, SEGMENT_ASM, CONSTRAINTS, L2_HINT)
                 seg += NW
-    for _ in range(steady * DEPTH, (seg_end - seg0 + NW - 1) // NW):
+    # The masked steps, UNROLL per iteration: with 2, the queue's two register sets take turns
+    # instead of the next segment's loads being moved into place at every step.
+    masked = (seg_end - seg0 + NW - 1) // NW - steady * DEPTH
+    for _ in range(masked // UNROLL):
+        for _u in tl.static_range(UNROLL):
+            queue, acts, accs = _segment(queue, acts, accs, 0, True, seg, seg_end, c, r, row, row_end, M, K, KB,
+                                         x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                                         planes, scales, blk0, zero, BS, NW, TILES, NESTED, DEPTH, X_AHEAD,
+                                         SHARED_SCALES, STEADY, ROWS, GROUPS, SEGMENT_ASM, CONSTRAINTS, L2_HINT)
+            seg += NW
+    for _ in range(masked % UNROLL):
         queue, acts, accs = _segment(queue, acts, accs, 0, True, seg, seg_end, c, r, row, row_end, M, K, KB,
                                      x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
                                      planes, scales, blk0, zero, BS, NW, TILES, NESTED, DEPTH, X_AHEAD,
@@ -660,8 +674,10 @@ def matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, config
     the steps where every warp's segment is whole and in range without masks), ``LATE_SCALE``
     (scale each block's fp32 mma sums rather than the decoded codes; not with ``SHARED_SCALES``,
     and ignored for 32-code blocks), ``L2_HINT`` (load the packed codes with the PTX hint that
-    fills 256 bytes of L2 per miss) and ``MAXNREG`` (cap the registers per thread, so that enough
-    programs share an SM to run the whole grid in one wave; ``None``: the compiler's choice).
+    fills 256 bytes of L2 per miss), ``MAXNREG`` (cap the registers per thread, so that enough
+    programs share an SM to run the whole grid in one wave; ``None``: the compiler's choice) and
+    ``UNROLL`` (masked steps per loop iteration: 1, or 2 so that the queued loads alternate between
+    two register sets instead of being moved; the steady loop is not unrolled).
     """
     m, k = x.shape
     if x.stride(0) != k or x.stride(1) != 1 or x.data_ptr() % ALIGNMENT:
@@ -687,6 +703,6 @@ def matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, config
         SCALE_DECL=scale_table_decl(blocks) if shared else "",
         SEGMENT_ASM=segment_asm("f16" if x.dtype == torch.float16 else "bf16", tiles, table, shared, rows, groups),
         CONSTRAINTS=segment_constraints(tiles, shared, groups), ROWS=rows, STEADY=config.get("STEADY", False),
-        GROUPS=groups, L2_HINT=config.get("L2_HINT", False),
+        GROUPS=groups, L2_HINT=config.get("L2_HINT", False), UNROLL=config.get("UNROLL", 1),
         num_warps=config["num_warps"], **cap)
     return out if split == 1 else finish_split_k(target, bias, out, split)

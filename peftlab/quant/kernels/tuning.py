@@ -17,14 +17,15 @@ alternating rounds from HBM, 3 rounds; ``kernels-rows8b-h100.json`` the same at 
 ``kernels-late-scale-h100.json`` (block scales applied after the mma against the plan of the time,
 two runs of 3 and 5 alternating rounds from HBM) and ``kernels-l2-hint-h100.json`` (weight loads
 with the L2 prefetch-size hint against the plan, the same way) and ``kernels-occupancy-h100.json``
-(more warps per program and register caps against the plan, the same way) for the rows that name
-them. Kinds: ``gemv1`` (persistent one-row GEMV), ``gemv`` (CUDA-core GEMV), ``mma`` (``skinny``: up
+(more warps per program and register caps against the plan, the same way) and
+``kernels-unroll-h100.json`` (the masked loop unrolled by two against the plan, two runs of 5
+alternating rounds from HBM) for the rows that name them. Kinds: ``gemv1`` (persistent one-row GEMV), ``gemv`` (CUDA-core GEMV), ``mma`` (``skinny``: up
 to 16 rows, the weight decoded in registers, or with ``TABLE`` through a shared pair table, for
 tensor-core ``mma.sync``; ``DEPTH`` segments fetched ahead, activations at use unless ``X_AHEAD``,
 block scales from a per-program shared table with ``SHARED_SCALES``, ``rows=8`` for programs of 8
 weight rows, twice as many, ``steady`` for no masks where segments are whole, ``late`` for block
 scales applied to the mma's fp32 partials, ``hint`` for weight loads that fill 256 bytes of L2 per
-miss, ``maxnreg`` for a cap on registers per thread), ``fused`` (dequantize tiles into ``tl.dot``),
+miss, ``maxnreg`` for a cap on registers per thread, ``unroll`` for masked steps per loop iteration), ``fused`` (dequantize tiles into ``tl.dot``),
 ``chunked`` (dequantize into a scratch buffer + cuBLAS; the value is the chunk size in elements,
 ``None`` for the whole weight at once), ``overlap`` (chunks as ``chunked``, the next one dequantized
 on a side stream during the current GEMM). The comments give the measured time, for some rows
@@ -40,31 +41,31 @@ import torch
 
 def _mma(warps: int, split: int, table: bool = False, depth: int = 1, x_ahead: bool = True,
          shared_scales: bool = False, rows: int = 16, steady: bool = False, late: bool = False,
-         hint: bool = False, maxnreg: int | None = None) -> dict:
+         hint: bool = False, maxnreg: int | None = None, unroll: int = 1) -> dict:
     return {"SPLIT": split, "num_warps": warps, "TABLE": table, "DEPTH": depth, "X_AHEAD": x_ahead,
             "SHARED_SCALES": shared_scales, "ROWS": rows, "STEADY": steady, "LATE_SCALE": late, "L2_HINT": hint,
-            "MAXNREG": maxnreg}
+            "MAXNREG": maxnreg, "UNROLL": unroll}
 
 
 DEQUANT_CONFIG = {"elems_per_program": 2048, "num_warps": 4, "flat_block": 1024}
 
 FORWARD = {
     (4096, 4096): {
-        1: ('mma', _mma(8, 1, table=True, rows=8, hint=True)),  # 8.6-8.7 us vs 8.8-8.9 (kernels-l2-hint)
-        2: ('mma', _mma(8, 1, table=True, rows=8, hint=True)),  # as M=1
+        1: ('mma', _mma(8, 1, table=True, rows=8, hint=True, unroll=2)),  # 8.4 us vs 8.7 (kernels-unroll, 2 runs)
+        2: ('mma', _mma(8, 1, table=True, rows=8, hint=True, unroll=2)),  # 8.6 us vs 8.8-8.9 (kernels-unroll)
         4: ('mma', _mma(4, 1, table=True, depth=2, x_ahead=False, rows=8, late=True)),  # 8.4-8.6 us vs 9.0-9.1 (kernels-late-scale)
         8: ('mma', _mma(4, 1, late=True, hint=True)),  # 10.2 us vs 10.4 (kernels-l2-hint, confirmation_after_halves)
         12: ('mma', _mma(4, 1)),  # 11.6 us vs 14.0 fused
-        16: ('mma', _mma(4, 1, depth=3, steady=True, hint=True)),  # 11.0-11.1 us vs 11.3-11.4 depth 2 (kernels-l2-hint, 4 sets)
+        16: ('mma', _mma(4, 1, depth=3, steady=True, hint=True, unroll=2)),  # 10.9-11.0 us vs 11.1-11.2 (kernels-unroll, 2 runs)
         64: ('fused', {'BM': 64, 'BN': 128, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 20.6 us
         256: ('chunked', None),  # 33.9 us
         1024: ('chunked', None),  # 60.5 us
         4096: ('overlap', 8388608),  # 213.8 us vs 217.9 whole (alternating rounds)
     },
     (4096, 11008): {
-        1: ('mma', _mma(8, 1, table=True, shared_scales=True, hint=True)),  # 15.6 us vs 15.9-16.0 (kernels-shared-scales, 2 runs)
-        2: ('mma', _mma(8, 1, table=True, shared_scales=True, hint=True)),  # 15.5-15.6 us vs 15.9-16.2 (kernels-shared-scales, 2 runs)
-        4: ('mma', _mma(8, 1, table=True, shared_scales=True, hint=True)),  # 16.0-16.4 us vs 16.5-16.9 (kernels-shared-scales, 2 runs)
+        1: ('mma', _mma(8, 1, table=True, shared_scales=True, hint=True, unroll=2)),  # 14.8-14.9 us vs 15.4-15.7 (kernels-unroll, 2 runs)
+        2: ('mma', _mma(8, 1, table=True, shared_scales=True, hint=True, unroll=2)),  # 15.3 us vs 15.9 (kernels-unroll)
+        4: ('mma', _mma(8, 1, table=True, shared_scales=True, hint=True, unroll=2)),  # 15.8 us vs 16.3 (kernels-unroll)
         8: ('mma', _mma(8, 1, table=True, depth=2, late=True, hint=True)),  # 17.7 us vs 18.0 (kernels-l2-hint)
         12: ('mma', _mma(8, 1)),  # 21.9 us vs 30.1 fused
         16: ('mma', _mma(8, 1, hint=True)),  # 23.1-23.4 us vs 23.4-23.6 (kernels-l2-hint, 2 runs)
@@ -79,7 +80,7 @@ FORWARD = {
         1: ('mma', _mma(4, 1, table=True, hint=True, maxnreg=72)),  # 14.5-14.6 us vs 15.4-15.6 (kernels-occupancy, 3 runs)
         2: ('mma', _mma(4, 1, table=True, hint=True, maxnreg=72)),  # 14.8-15.0 us vs 15.8-15.9 (kernels-occupancy, 2 runs)
         4: ('mma', _mma(4, 1, table=True, hint=True, maxnreg=72)),  # 16.3-16.5 us vs 16.6-16.7 (kernels-occupancy, 2 runs)
-        8: ('mma', _mma(4, 1, shared_scales=True, hint=True)),  # 20.4 us vs 21.1 (kernels-shared-scales)
+        8: ('mma', _mma(4, 1, shared_scales=True, hint=True, unroll=2)),  # 20.1 us vs 20.5-20.6 (kernels-unroll)
         12: ('mma', _mma(2, 1)),  # 22.6 us vs 31.5 fused
         16: ('mma', _mma(2, 1, depth=2, shared_scales=True, steady=True, hint=True)),  # 22.1-22.4 us vs 22.2-22.6 (kernels-l2-hint, 2 runs)
         64: ('fused', {'BM': 64, 'BN': 64, 'BK': 128, 'SPLIT_K': 2, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 45.7 us
@@ -88,12 +89,13 @@ FORWARD = {
         4096: ('overlap', 8388608),  # 538.2 us vs 617.8 whole, 574.0 in 32M chunks (alternating rounds)
     },
     (14336, 4096): {
-        1: ('mma', _mma(4, 1, table=True, depth=2, x_ahead=False, hint=True)),  # 19.8-20.0 us vs 20.0-20.4 (kernels-l2-hint, 4 runs)
-        2: ('mma', _mma(4, 1, table=True, depth=2, x_ahead=False, hint=True)),  # 20.3 us vs 20.7 (kernels-l2-hint)
-        4: ('mma', _mma(4, 1, table=True, shared_scales=True, hint=True)),  # 21.5 us vs 22.7 (kernels-shared-scales)
-        8: ('mma', _mma(4, 1, table=True, shared_scales=True)),  # 23.0 us vs 25.0-25.2 (kernels-shared-scales)
+        1: ('mma', _mma(4, 1, table=True, depth=2, x_ahead=False, hint=True, unroll=2)),  # 19.7 us vs 20.0 (kernels-unroll)
+        2: ('mma', _mma(4, 1, table=True, depth=2, x_ahead=False, hint=True, unroll=2)),  # 20.0 us vs 20.3-20.4 (kernels-unroll)
+        4: ('mma', _mma(4, 1, table=True, shared_scales=True, hint=True, unroll=2)),  # 21.2 us vs 21.6 (kernels-unroll)
+        8: ('mma', _mma(4, 1, table=True, shared_scales=True, unroll=2)),  # 23.0 us vs 23.3 (kernels-unroll)
         12: ('mma', _mma(4, 1)),  # 26.8 us vs 36.8 fused
-        16: ('mma', _mma(2, 1, depth=2, x_ahead=False, shared_scales=True, steady=True, hint=True)),  # 26.8-27.3 us vs 27.7-28.0 (kernels-l2-hint, 2 runs)
+        # every step is steady here; the unrolled build of the (unused) masked loop still ran faster, in both runs
+        16: ('mma', _mma(2, 1, depth=2, x_ahead=False, shared_scales=True, steady=True, hint=True, unroll=2)),  # 26.5-26.8 us vs 27.0-27.2 (kernels-unroll, 2 runs)
         64: ('fused', {'BM': 64, 'BN': 128, 'BK': 128, 'SPLIT_K': 2, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 46.0 us
         256: ('chunked', None),  # 110.2 us
         1024: ('chunked', None),  # 214.2 us
@@ -324,7 +326,9 @@ def sweep_candidates() -> dict:
         + [_mma(w, 1, True, d, x, rows=rows, late=late, hint=True) for rows in (16, 8) for w in (2, 4, 8)
            for d, x in ((1, True), (2, True)) for late in (False, True)]
         + [_mma(4, 1, True, hint=True, maxnreg=cap) for cap in (64, 72, 80)]
-        + [_mma(w, 1, t, shared_scales=True, hint=True) for w in (4, 8) for t in (False, True)],
+        + [_mma(w, 1, t, shared_scales=True, hint=True) for w in (4, 8) for t in (False, True)]
+        + [_mma(w, 1, True, d, x, sh, hint=True, unroll=2) for w in (4, 8) for d, x in ((1, True), (2, False))
+           for sh in (False, True)],
         "fused": [_fused(64, 128, 128, 4, 3, 2), _fused(64, 64, 128, 4, 3, 2), _fused(64, 128, 128, 4, 3, 4),
                   _fused(64, 64, 128, 4, 3)],
         "chunked": [{"chunk_elems": None}, {"chunk_elems": 32 << 20}],
