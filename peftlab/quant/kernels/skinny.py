@@ -36,8 +36,9 @@ With ``L2_HINT`` the packed codes are loaded by inline PTX with the ``L2::256B``
 qualifier: a miss brings the next 256 bytes of the row into L2 (four segments), so the following
 segments of a row wait on L2 rather than HBM. With ``UNROLL=2`` the masked loop takes two steps
 per iteration, so the loads queued for the next segment land in the registers the step before
-last used, instead of being moved into the queue's registers at every step (20 register moves
-per segment in the loop of 11008×4096's one-row plan, the first waiting on the load).
+last used, instead of being moved into the queue's registers at every step (at one segment in
+flight, 20 register moves per segment, the first waiting on the load). The tables take it where
+it measured faster.
 
 Against the CUDA-core GEMVs there are no codebook gathers through L1 and no per-element FMA
 (about five instructions per weight in the compiled loop, two of them ``prmt``), and the
