@@ -127,7 +127,8 @@ def test_skinny_mma_matches_reference(n, k, blocksize, nested, dtype):
     without bias, register and
     shared-table decode, one to three segments fetched ahead, activations loaded ahead or at use,
     block scales decoded per segment or once into shared memory, applied before or after the mma,
-    weights loaded by Triton or by the L2-hinted PTX, masked loops of one or two steps per iteration."""
+    weights loaded by Triton or by the L2-hinted PTX, masked loops of one or two steps per iteration,
+    block scales decoded a step ahead or at use."""
     from peftlab.quant.kernels import NF4Weight, skinny
 
     packed, state, ref = _weight(n, k, blocksize, nested)
@@ -147,8 +148,9 @@ def test_skinny_mma_matches_reference(n, k, blocksize, nested, dtype):
             late = not shared and (i // 4 + m) % 2 == 0  # half the rest scale after the mma
             hint = (i + i // 4 + m) % 2 == 0  # half load the weights through the L2-hinted PTX
             unroll = 2 if (i // 3 + m) % 2 == 0 else 1  # half take two masked steps per loop iteration
+            scale_ahead = not shared and (i // 2 + i // 6 + m) % 2 == 1  # most of the rest decode scales a step ahead
             config = dict(config, TABLE=table, DEPTH=depth, X_AHEAD=ahead, SHARED_SCALES=shared, ROWS=rows,
-                          STEADY=steady, LATE_SCALE=late, L2_HINT=hint, UNROLL=unroll)
+                          STEADY=steady, LATE_SCALE=late, L2_HINT=hint, UNROLL=unroll, SCALE_AHEAD=scale_ahead)
             assert skinny.supports(x, weight)
             out = skinny.matmul(x, weight, bias, config)
             expect = x.float() @ ref.t() + (bias.float() if bias is not None else 0)

@@ -2,7 +2,7 @@
 ``tests/ptx_model.py`` its inline PTX (decode, shared tables, ``mma``), against the torch reference
 in fp32. Covers what only a GPU run covered before: partial segments and row groups, split K, one to
 eight warps, 16- and 8-row programs, masked and steady loops, scaling before and after the mma,
-every decode and queue variant, masked loops unrolled or not, weight loads with and without the L2
+every decode and queue variant, masked loops unrolled or not, block scales decoded a step ahead or at use, weight loads with and without the L2
 hint, with and without bias, fp16 and bf16 (the kernel does no bf16 arithmetic in Triton, which the
 interpreter gets wrong; the PTX model rounds through torch), and every plan the dispatcher ships.
 """
@@ -55,8 +55,9 @@ else:
                 late = not shared and (i // 4 + m) % 2 == 0  # half the rest scale after the mma
                 hint = (i + i // 4 + m) % 2 == 0  # half load the weights through the hinted PTX
                 unroll = 2 if (i // 3 + m) % 2 == 0 else 1  # half take two masked steps per iteration
+                scale_ahead = not shared and (i // 2 + i // 6 + m) % 2 == 1  # most of the rest decode scales a step ahead
                 config = dict(config, TABLE=table, DEPTH=depth, X_AHEAD=ahead, SHARED_SCALES=shared, ROWS=rows,
-                              STEADY=steady, LATE_SCALE=late, L2_HINT=hint, UNROLL=unroll)
+                              STEADY=steady, LATE_SCALE=late, L2_HINT=hint, UNROLL=unroll, SCALE_AHEAD=scale_ahead)
                 b = bias if with_bias else None
                 out = skinny.matmul(x, weight, b, config)
                 expect = x.float() @ ref.t() + (b.float() if b is not None else 0)

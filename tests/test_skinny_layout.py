@@ -30,14 +30,16 @@ _ALIGNED = ("x_ptr", "packed_ptr", "code_ptr", "out_ptr")  # what the launcher g
 
 
 def _compile(nw: int, tiles: int, table: bool, depth: int, x_ahead: bool, shared: bool, rows: int, steady: bool,
-             groups: int, hint: bool, capability: int, maxnreg: int | None = None, unroll: int = 1):
+             groups: int, hint: bool, capability: int, maxnreg: int | None = None, unroll: int = 1,
+             scale_ahead: bool = False):
     kernel = skinny._skinny_kernel
     constants = dict(BS=64, NW=nw, TILES=tiles, SPLIT=1, HAS_BIAS=True, NESTED=True, F16=False, TABLE=table,
                      DEPTH=depth, X_AHEAD=x_ahead, SHARED_SCALES=shared, SCALE_BLOCKS=4,
                      SCALE_DECL=skinny.scale_table_decl(4) if shared else "",
                      SEGMENT_ASM=skinny.segment_asm("bf16", tiles, table, shared, rows, groups),
                      CONSTRAINTS=skinny.segment_constraints(tiles, shared, groups), ROWS=rows,
-                     STEADY=steady, GROUPS=groups, L2_HINT=hint, UNROLL=unroll)
+                     STEADY=steady, GROUPS=groups, L2_HINT=hint, UNROLL=unroll,
+                     SCALE_AHEAD=scale_ahead and not shared)
     signature = {name: "constexpr" if name in constants else _TYPES.get(name, "i32") for name in kernel.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names) if name in _ALIGNED}
     source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
@@ -102,13 +104,14 @@ def loop_conversions_of_words(ttgir: str, rows: int) -> list[str]:
     (2, 2, False, True, 16, True, 0, True), (4, 2, False, False, 16, True, 0, True),
     (2, 1, True, False, 16, True, 2, False), (2, 1, True, False, 16, True, 2, True),
     (8, 1, True, False, 8, False, 2, True)])
-@pytest.mark.parametrize("unroll", [1, 2])
-def test_queued_words_keep_their_layout_through_the_loops(nw, tiles, table, shared, rows, steady, groups, hint, unroll):
+@pytest.mark.parametrize("unroll,scale_ahead", [(1, False), (2, False), (2, True)])
+def test_queued_words_keep_their_layout_through_the_loops(nw, tiles, table, shared, rows, steady, groups, hint, unroll,
+                                                          scale_ahead):
     """Words loaded as halves (hinted PTX, or the two halves of 64-code late-scale blocks) are queued
     apart and joined at use. Joined at load, Triton 3.6 carried the steady loop's queue in another
     layout and converted it through shared memory every step (188 instead of 147 registers). Checked
-    with the masked loop run one and two steps per iteration."""
-    ttgir = _ttgir(nw, tiles, table, 2, True, shared, rows, steady, groups, hint, 90, None, unroll)
+    with the masked loop run one and two steps per iteration, and with scales decoded a step ahead."""
+    ttgir = _ttgir(nw, tiles, table, 2, True, shared, rows, steady, groups, hint, 90, None, unroll, scale_ahead)
     assert loop_conversions_of_words(ttgir, nw * 32) == []
 
 
@@ -117,7 +120,7 @@ def _compile_plan(m: int, config: dict):
     return _compile(config["num_warps"], 1 if m <= 8 else 2, config["TABLE"], config["DEPTH"], config["X_AHEAD"],
                     config["SHARED_SCALES"], config["ROWS"], config["STEADY"],
                     skinny.late_scale_groups(64) if config["LATE_SCALE"] else 0, config["L2_HINT"], 90,
-                    config["MAXNREG"], config["UNROLL"])
+                    config["MAXNREG"], config["UNROLL"], config["SCALE_AHEAD"])
 
 
 @pytest.mark.parametrize("m,config", tuning.mma_plans())

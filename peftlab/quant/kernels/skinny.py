@@ -20,7 +20,7 @@ With ``SHARED_SCALES`` each program first decodes its rows' block scales (double
 included) into shared memory, one bf16/f16 pair (rows g and g + 8) per lane row and block (2 KB
 for 64 blocks), so a segment reads them with one ``ld.shared`` and two ``prmt``: about 40 fewer
 instructions per segment, and no dependent code-table gather. It pays at 16 rows and, measured
-shape by shape, at some smaller row counts (4096×11008 at 1-4 rows with the pair table); at others
+shape by shape, at some smaller row counts (4096×11008 at 2-4 rows with the pair table); at others
 it loses (11008×4096 at 1-4 rows), so the tables decide.
 
 With ``ROWS=8`` a program takes 8 weight rows and leaves the mma's rows 8-15 empty: twice the
@@ -38,7 +38,10 @@ segments of a row wait on L2 rather than HBM. With ``UNROLL=2`` the masked loop 
 per iteration, so the loads queued for the next segment land in the registers the step before
 last used, instead of being moved into the queue's registers at every step (at one segment in
 flight, 20 register moves per segment, the first waiting on the load). The tables take it where
-it measured faster.
+it measured faster. With ``SCALE_AHEAD`` (scales not in shared memory) each queued segment carries
+the block-scale bytes of the warp's next segment, whose nested-code gather then runs during the
+current one: a segment no longer waits on a gather that depends on its own loads, for two more
+registers (the decoded scales) carried between steps.
 
 Against the CUDA-core GEMVs there are no codebook gathers through L1 and no per-element FMA
 (about five instructions per weight in the compiled loop, two of them ``prmt``), and the
@@ -380,12 +383,13 @@ def _activations(x_ptr, lower, upper, ok, ok_upper):
 
 
 @triton.jit
-def _fetch_weights(packed_ptr, absmax_ptr, nested_absmax_ptr, seg, seg_end, c, row, row_end, K, KB,
+def _fetch_weights(packed_ptr, absmax_ptr, nested_absmax_ptr, seg, scale_seg, seg_end, c, row, row_end, K, KB,
                    BS: tl.constexpr, NESTED: tl.constexpr, SHARED_SCALES: tl.constexpr, ROWS: tl.constexpr,
                    MASKED: tl.constexpr, GROUPS: tl.constexpr, L2_HINT: tl.constexpr):
     """One segment's weight loads: the packed words of rows g and g + 8 (16 bytes each; of row g
-    alone with 8 rows per program) and, unless the scales come from shared memory, their
-    block-scale bytes (with GROUPS, per group: the blocks of columns 0-63 and 64-127). MASKED:
+    alone with 8 rows per program) and, unless the scales come from shared memory, the
+    block-scale bytes of segment ``scale_seg`` (``seg``, or with ``SCALE_AHEAD`` the warp's next
+    one; see ``_scale_bytes``). MASKED:
     anything past the segment range, K or the program's rows reads as 0. Otherwise no masks: rows
     past the program's end read its last row and columns past the row end its last codes, which
     meet zero activations or land in outputs never stored. The thread's columns come from
@@ -393,9 +397,7 @@ def _fetch_weights(packed_ptr, absmax_ptr, nested_absmax_ptr, seg, seg_end, c, r
     # Contiguous pairs' offsets are written so that the compiler can prove 16-byte alignment (rows
     # of KB * BS codes, BS >= 32): every pair then is one vector load held by one thread, the layout
     # the PTX needs. The two halves of GROUPS == 2, and hinted words, are queued as halves instead.
-    e = tl.arange(0, 2)[None, :]
     row_words = KB * (BS // 16)  # int64 per weight row
-    rows = row + 8 * e
     lower, upper = _lane_columns(seg, c, GROUPS)  # [R, 1]
     ok, ok_upper = (seg < seg_end) & (lower < K), (seg < seg_end) & (upper < K)
     HALVES: tl.constexpr = L2_HINT or GROUPS == 2
@@ -431,16 +433,45 @@ def _fetch_weights(packed_ptr, absmax_ptr, nested_absmax_ptr, seg, seg_end, c, r
                                  L2_HINT)
     loads = wg + wh if HALVES else (wg, wh)
     if not SHARED_SCALES:
-        for group in tl.static_range(max(GROUPS, 1)):  # group 1 (GROUPS == 2) is the upper half's block
-            column, in_range = (upper, ok_upper) if group == 1 else (lower, ok)
-            if MASKED:
-                blocks = rows * KB + column // BS
-                ok_block = in_range & (rows < row_end)
-            else:
-                blocks = tl.minimum(rows, row_end - 1) * KB + tl.minimum(column // BS, KB - 1)
-                ok_block = None
-            loads = loads + scale_bytes(absmax_ptr, nested_absmax_ptr, blocks, ok_block, NESTED)
+        loads = loads + _scale_bytes(absmax_ptr, nested_absmax_ptr, scale_seg, seg_end, c, row, row_end, K, KB, BS,
+                                     NESTED, MASKED, GROUPS)
     return loads
+
+
+@triton.jit
+def _scale_bytes(absmax_ptr, nested_absmax_ptr, seg, seg_end, c, row, row_end, K, KB, BS: tl.constexpr,
+                 NESTED: tl.constexpr, MASKED: tl.constexpr, GROUPS: tl.constexpr):
+    """The block-scale loads of rows g and g + 8 for segment ``seg`` (``scale_bytes``' pair; with
+    GROUPS, a pair per group: the blocks of columns 0-63 and 64-127), masked or clamped as the
+    words of ``_fetch_weights``."""
+    rows = row + 8 * tl.arange(0, 2)[None, :]
+    lower, upper = _lane_columns(seg, c, GROUPS)
+    loads = ()
+    for group in tl.static_range(max(GROUPS, 1)):  # group 1 (GROUPS == 2) is the upper half's block
+        column = upper if group == 1 else lower
+        if MASKED:
+            blocks = rows * KB + column // BS
+            ok_block = (seg < seg_end) & (column < K) & (rows < row_end)
+        else:
+            blocks = tl.minimum(rows, row_end - 1) * KB + tl.minimum(column // BS, KB - 1)
+            ok_block = None
+        loads = loads + scale_bytes(absmax_ptr, nested_absmax_ptr, blocks, ok_block, NESTED)
+    return loads
+
+
+@triton.jit
+def _decoded_scales(loads, seg, seg_end, c, row, row_end, K, nested_code_ptr, offset, NESTED: tl.constexpr,
+                    MASKED: tl.constexpr, GROUPS: tl.constexpr):
+    """fp32 block scales of rows g and g + 8 (per group) from ``_scale_bytes``' loads for ``seg``;
+    MASKED: 0 past the range, K or the program's rows."""
+    columns = _lane_columns(seg, c, GROUPS)
+    scales = ()
+    for group in tl.static_range(max(GROUPS, 1)):
+        ok = None
+        if MASKED:
+            ok = (seg < seg_end) & (columns[group] < K) & (row + 8 * tl.arange(0, 2)[None, :] < row_end)
+        scales = scales + (decode_scales(nested_code_ptr, offset, loads[2 * group], loads[2 * group + 1], ok, NESTED),)
+    return scales
 
 
 @triton.jit
@@ -493,11 +524,15 @@ def _segment(queue, acts, accs, slot: tl.constexpr, MASKED: tl.constexpr, seg, s
              x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, planes, scales, blk0, zero,
              BS: tl.constexpr, NW: tl.constexpr, TILES: tl.constexpr, NESTED: tl.constexpr, DEPTH: tl.constexpr,
              X_AHEAD: tl.constexpr, SHARED_SCALES: tl.constexpr, STEADY: tl.constexpr, ROWS: tl.constexpr,
-             GROUPS: tl.constexpr, SEGMENT_ASM: tl.constexpr, CONSTRAINTS: tl.constexpr, L2_HINT: tl.constexpr):
+             GROUPS: tl.constexpr, SEGMENT_ASM: tl.constexpr, CONSTRAINTS: tl.constexpr, L2_HINT: tl.constexpr,
+             SCALE_AHEAD: tl.constexpr):
     """One step of a warp's chain: segment ``seg`` from queue slot ``slot``, whose loads are then
     reissued DEPTH segments ahead. MASKED (any segment past the range or K): masked loads, the
     queue rotated, activations at use after a steady phase (its prefetches read past the range
-    unmasked, and only zero activations cancel those weights). Returns (queue, acts, accs)."""
+    unmasked, and only zero activations cancel those weights). ``scales``: with SHARED_SCALES the
+    shared table's address, with SCALE_AHEAD this segment's decoded block scales (the slot holds
+    the scale bytes of the warp's next segment, decoded here for the next step). Returns (queue,
+    acts, accs, scales)."""
     HALVES: tl.constexpr = L2_HINT or GROUPS == 2  # weight words queued as halves (see _queued_words)
     PAIRS: tl.constexpr = 4 if HALVES else 2
     WORDS: tl.constexpr = PAIRS if SHARED_SCALES else PAIRS + 2 * max(GROUPS, 1)  # tensors per queued segment
@@ -508,17 +543,18 @@ def _segment(queue, acts, accs, slot: tl.constexpr, MASKED: tl.constexpr, seg, s
             block = tl.where(seg < seg_end, block, 0)
         scale = (zero + (scales + (block * 8 + (r % 32) // 4) * 4),)
     else:
-        scale = ()
-        columns = _lane_columns(seg, c, GROUPS)
-        for group in tl.static_range(max(GROUPS, 1)):  # group 1 (GROUPS == 2) is the upper half's block
-            ok = None
-            if MASKED:
-                ok = (seg < seg_end) & (columns[group] < K) & (row + 8 * tl.arange(0, 2)[None, :] < row_end)
-            scale = scale + (decode_scales(nested_code_ptr, offset, queue[slot * WORDS + PAIRS + 2 * group],
-                                           queue[slot * WORDS + PAIRS + 1 + 2 * group], ok, NESTED),)
+        loads = queue[slot * WORDS + PAIRS:(slot + 1) * WORDS]
+        if SCALE_AHEAD:  # the gather behind the next segment's scales runs during this one
+            scale = scales
+            scales = _decoded_scales(loads, seg + NW, seg_end, c, row, row_end, K, nested_code_ptr, offset, NESTED,
+                                     MASKED, GROUPS)
+        else:
+            scale = _decoded_scales(loads, seg, seg_end, c, row, row_end, K, nested_code_ptr, offset, NESTED, MASKED,
+                                    GROUPS)
     # From HBM each warp's chain of segments is bound by load latency: DEPTH stay in flight.
-    ahead = _fetch_weights(packed_ptr, absmax_ptr, nested_absmax_ptr, seg + DEPTH * NW, seg_end, c, row, row_end, K, KB,
-                           BS, NESTED, SHARED_SCALES, ROWS, MASKED, GROUPS, L2_HINT)
+    ahead = _fetch_weights(packed_ptr, absmax_ptr, nested_absmax_ptr, seg + DEPTH * NW,
+                           seg + (DEPTH + SCALE_AHEAD) * NW, seg_end, c, row, row_end, K, KB, BS, NESTED, SHARED_SCALES,
+                           ROWS, MASKED, GROUPS, L2_HINT)
     if MASKED:
         queue = queue[WORDS:] + ahead
     else:
@@ -542,7 +578,7 @@ def _segment(queue, acts, accs, slot: tl.constexpr, MASKED: tl.constexpr, seg, s
         acc_g0, acc_h0, acc_g1, acc_h1 = tl.inline_asm_elementwise(
             SEGMENT_ASM, CONSTRAINTS, operands + (acc_g0, acc_h0, acc_g1, acc_h1), dtype=(tl.float32,) * 4,
             is_pure=True, pack=2)
-    return queue, acts, (acc_g0, acc_h0, acc_g1, acc_h1)
+    return queue, acts, (acc_g0, acc_h0, acc_g1, acc_h1), scales
 
 
 @triton.jit(do_not_specialize=["M", "N", "K", "KB", "stride_o", "segments_per_split"])
@@ -553,7 +589,7 @@ def _skinny_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, n
                    DEPTH: tl.constexpr, X_AHEAD: tl.constexpr, SHARED_SCALES: tl.constexpr, SCALE_BLOCKS: tl.constexpr,
                    SCALE_DECL: tl.constexpr, SEGMENT_ASM: tl.constexpr, CONSTRAINTS: tl.constexpr,
                    ROWS: tl.constexpr, STEADY: tl.constexpr, GROUPS: tl.constexpr, L2_HINT: tl.constexpr,
-                   UNROLL: tl.constexpr):
+                   UNROLL: tl.constexpr, SCALE_AHEAD: tl.constexpr):
     # x_ptr and packed_ptr are int64 views (4 activations, 16 codes). A thread's tensors are
     # [NW * 32, 2], row r on lane r % 32 of warp r // 32 (the layout the PTX relies on), a pair per
     # thread: element e of the scales is weight row g + 8e's, of an accumulator activation row 2c + e.
@@ -569,16 +605,22 @@ def _skinny_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, n
     # The first segments' loads go out before the table fills, which then run under their latency.
     # ``queue`` holds the weight loads of the next DEPTH segments (2 tensors each); activations,
     # read by every warp and so mostly L1 hits, are loaded X_AHEAD (0 or 1) segments ahead.
+    # With SCALE_AHEAD each queued segment carries the scale bytes of the warp's segment after it.
     seg = seg0 + warp
-    queue = _fetch_weights(packed_ptr, absmax_ptr, nested_absmax_ptr, seg, seg_end, c, row, row_end, K, KB, BS, NESTED,
-                           SHARED_SCALES, ROWS, True, GROUPS, L2_HINT)
+    queue = _fetch_weights(packed_ptr, absmax_ptr, nested_absmax_ptr, seg, seg + SCALE_AHEAD * NW, seg_end, c, row,
+                           row_end, K, KB, BS, NESTED, SHARED_SCALES, ROWS, True, GROUPS, L2_HINT)
     for j in tl.static_range(1, DEPTH):
-        queue = queue + _fetch_weights(packed_ptr, absmax_ptr, nested_absmax_ptr, seg + j * NW, seg_end, c, row, row_end,
-                                       K, KB, BS, NESTED, SHARED_SCALES, ROWS, True, GROUPS, L2_HINT)
+        queue = queue + _fetch_weights(packed_ptr, absmax_ptr, nested_absmax_ptr, seg + j * NW,
+                                       seg + (j + SCALE_AHEAD) * NW, seg_end, c, row, row_end, K, KB, BS, NESTED,
+                                       SHARED_SCALES, ROWS, True, GROUPS, L2_HINT)
     acts = zero  # unused without X_AHEAD
     if X_AHEAD:
         acts = _fetch_activations(x_ptr, seg, seg_end, c, row, M, K, KB, BS, TILES, True, GROUPS)
     scales, blk0 = zero, 0
+    if SCALE_AHEAD:  # the first segment's scales, the rest decoded a step ahead
+        scales = _decoded_scales(_scale_bytes(absmax_ptr, nested_absmax_ptr, seg, seg_end, c, row, row_end, K, KB, BS,
+                                              NESTED, True, GROUPS),
+                                 seg, seg_end, c, row, row_end, K, nested_code_ptr, offset, NESTED, True, GROUPS)
     if SHARED_SCALES:
         scales = _fill_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, seg0, seg_end, row_end, KB, BS,
                               NESTED, DT, NW, SCALE_BLOCKS, SCALE_DECL, ROWS)
@@ -601,26 +643,27 @@ def _skinny_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, n
         steady = tl.maximum(tl.minimum(seg_end, K // 128) - seg0, 0) // (NW * DEPTH)
         for _ in range(steady):
             for slot in tl.static_range(DEPTH):
-                queue, acts, accs = _segment(queue, acts, accs, slot, False, seg, seg_end, c, r, row, row_end, M, K, KB,
-                                             x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
-                                             planes, scales, blk0, zero, BS, NW, TILES, NESTED, DEPTH, X_AHEAD,
-                                             SHARED_SCALES, STEADY, ROWS, GROUPS, SEGMENT_ASM, CONSTRAINTS, L2_HINT)
+                queue, acts, accs, scales = _segment(
+                    queue, acts, accs, slot, False, seg, seg_end, c, r, row, row_end, M, K, KB, x_ptr, packed_ptr,
+                    absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, planes, scales, blk0, zero, BS, NW, TILES,
+                    NESTED, DEPTH, X_AHEAD, SHARED_SCALES, STEADY, ROWS, GROUPS, SEGMENT_ASM, CONSTRAINTS, L2_HINT,
+                    SCALE_AHEAD)
                 seg += NW
     # The masked steps, UNROLL per iteration: with 2, the queue's two register sets take turns
     # instead of the next segment's loads being moved into place at every step.
     masked = (seg_end - seg0 + NW - 1) // NW - steady * DEPTH
     for _ in range(masked // UNROLL):
         for _u in tl.static_range(UNROLL):
-            queue, acts, accs = _segment(queue, acts, accs, 0, True, seg, seg_end, c, r, row, row_end, M, K, KB,
-                                         x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
-                                         planes, scales, blk0, zero, BS, NW, TILES, NESTED, DEPTH, X_AHEAD,
-                                         SHARED_SCALES, STEADY, ROWS, GROUPS, SEGMENT_ASM, CONSTRAINTS, L2_HINT)
+            queue, acts, accs, scales = _segment(
+                queue, acts, accs, 0, True, seg, seg_end, c, r, row, row_end, M, K, KB, x_ptr, packed_ptr, absmax_ptr,
+                nested_absmax_ptr, nested_code_ptr, offset, planes, scales, blk0, zero, BS, NW, TILES, NESTED, DEPTH,
+                X_AHEAD, SHARED_SCALES, STEADY, ROWS, GROUPS, SEGMENT_ASM, CONSTRAINTS, L2_HINT, SCALE_AHEAD)
             seg += NW
     for _ in range(masked % UNROLL):
-        queue, acts, accs = _segment(queue, acts, accs, 0, True, seg, seg_end, c, r, row, row_end, M, K, KB,
-                                     x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
-                                     planes, scales, blk0, zero, BS, NW, TILES, NESTED, DEPTH, X_AHEAD,
-                                     SHARED_SCALES, STEADY, ROWS, GROUPS, SEGMENT_ASM, CONSTRAINTS, L2_HINT)
+        queue, acts, accs, scales = _segment(
+            queue, acts, accs, 0, True, seg, seg_end, c, r, row, row_end, M, K, KB, x_ptr, packed_ptr, absmax_ptr,
+            nested_absmax_ptr, nested_code_ptr, offset, planes, scales, blk0, zero, BS, NW, TILES, NESTED, DEPTH,
+            X_AHEAD, SHARED_SCALES, STEADY, ROWS, GROUPS, SEGMENT_ASM, CONSTRAINTS, L2_HINT, SCALE_AHEAD)
         seg += NW
     acc_g0, acc_h0, acc_g1, acc_h1 = accs
     # Lane (g, c) of an accumulator holds weight row g (or g + 8), activation rows 2c + e (+ 8).
@@ -678,7 +721,9 @@ def matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, config
     fills 256 bytes of L2 per miss), ``MAXNREG`` (cap the registers per thread, so that enough
     programs share an SM to run the whole grid in one wave; ``None``: the compiler's choice) and
     ``UNROLL`` (masked steps per loop iteration: 1, or 2 so that the queued loads alternate between
-    two register sets instead of being moved; the steady loop is not unrolled).
+    two register sets instead of being moved; the steady loop is not unrolled) and ``SCALE_AHEAD``
+    (decode each segment's block scales one step earlier, from bytes loaded a segment further
+    ahead than its codes; ignored with ``SHARED_SCALES``).
     """
     m, k = x.shape
     if x.stride(0) != k or x.stride(1) != 1 or x.data_ptr() % ALIGNMENT:
@@ -705,5 +750,6 @@ def matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, config
         SEGMENT_ASM=segment_asm("f16" if x.dtype == torch.float16 else "bf16", tiles, table, shared, rows, groups),
         CONSTRAINTS=segment_constraints(tiles, shared, groups), ROWS=rows, STEADY=config.get("STEADY", False),
         GROUPS=groups, L2_HINT=config.get("L2_HINT", False), UNROLL=config.get("UNROLL", 1),
+        SCALE_AHEAD=bool(config.get("SCALE_AHEAD", False)) and not shared,
         num_warps=config["num_warps"], **cap)
     return out if split == 1 else finish_split_k(target, bias, out, split)

@@ -19,13 +19,15 @@ two runs of 3 and 5 alternating rounds from HBM) and ``kernels-l2-hint-h100.json
 with the L2 prefetch-size hint against the plan, the same way) and ``kernels-occupancy-h100.json``
 (more warps per program and register caps against the plan, the same way) and
 ``kernels-unroll-h100.json`` (the masked loop unrolled by two against the plan, two runs of 5
-alternating rounds from HBM) for the rows that name them. Kinds: ``gemv1`` (persistent one-row GEMV), ``gemv`` (CUDA-core GEMV), ``mma`` (``skinny``: up
+alternating rounds from HBM) and ``kernels-scale-ahead-h100.json`` (block scales decoded a step
+ahead against the plan, the same way) for the rows that name them. Kinds: ``gemv1`` (persistent one-row GEMV), ``gemv`` (CUDA-core GEMV), ``mma`` (``skinny``: up
 to 16 rows, the weight decoded in registers, or with ``TABLE`` through a shared pair table, for
 tensor-core ``mma.sync``; ``DEPTH`` segments fetched ahead, activations at use unless ``X_AHEAD``,
 block scales from a per-program shared table with ``SHARED_SCALES``, ``rows=8`` for programs of 8
 weight rows, twice as many, ``steady`` for no masks where segments are whole, ``late`` for block
 scales applied to the mma's fp32 partials, ``hint`` for weight loads that fill 256 bytes of L2 per
-miss, ``maxnreg`` for a cap on registers per thread, ``unroll`` for masked steps per loop iteration), ``fused`` (dequantize tiles into ``tl.dot``),
+miss, ``maxnreg`` for a cap on registers per thread, ``unroll`` for masked steps per loop iteration,
+``scale_ahead`` for block scales decoded one step before their segment), ``fused`` (dequantize tiles into ``tl.dot``),
 ``chunked`` (dequantize into a scratch buffer + cuBLAS; the value is the chunk size in elements,
 ``None`` for the whole weight at once), ``overlap`` (chunks as ``chunked``, the next one dequantized
 on a side stream during the current GEMM). The comments give the measured time, for some rows
@@ -41,10 +43,10 @@ import torch
 
 def _mma(warps: int, split: int, table: bool = False, depth: int = 1, x_ahead: bool = True,
          shared_scales: bool = False, rows: int = 16, steady: bool = False, late: bool = False,
-         hint: bool = False, maxnreg: int | None = None, unroll: int = 1) -> dict:
+         hint: bool = False, maxnreg: int | None = None, unroll: int = 1, scale_ahead: bool = False) -> dict:
     return {"SPLIT": split, "num_warps": warps, "TABLE": table, "DEPTH": depth, "X_AHEAD": x_ahead,
             "SHARED_SCALES": shared_scales, "ROWS": rows, "STEADY": steady, "LATE_SCALE": late, "L2_HINT": hint,
-            "MAXNREG": maxnreg, "UNROLL": unroll}
+            "MAXNREG": maxnreg, "UNROLL": unroll, "SCALE_AHEAD": scale_ahead}
 
 
 DEQUANT_CONFIG = {"elems_per_program": 2048, "num_warps": 4, "flat_block": 1024}
@@ -63,7 +65,8 @@ FORWARD = {
         4096: ('overlap', 8388608),  # 213.8 us vs 217.9 whole (alternating rounds)
     },
     (4096, 11008): {
-        1: ('mma', _mma(8, 1, table=True, shared_scales=True, hint=True, unroll=2)),  # 14.8-14.9 us vs 15.4-15.7 (kernels-unroll, 2 runs)
+        # scales decoded a step ahead instead of from the shared table, which frees the registers for two segments in flight
+        1: ('mma', _mma(8, 1, table=True, depth=2, hint=True, unroll=2, scale_ahead=True)),  # 14.5 us vs 14.7-14.8 (kernels-scale-ahead, 2 runs)
         2: ('mma', _mma(8, 1, table=True, shared_scales=True, hint=True, unroll=2)),  # 15.3 us vs 15.9 (kernels-unroll)
         4: ('mma', _mma(8, 1, table=True, shared_scales=True, hint=True, unroll=2)),  # 15.8 us vs 16.3 (kernels-unroll)
         8: ('mma', _mma(8, 1, table=True, depth=2, late=True, hint=True)),  # 17.7 us vs 18.0 (kernels-l2-hint)
@@ -77,10 +80,11 @@ FORWARD = {
     (11008, 4096): {
         # 4 warps, each walking half the segments one of 2 warps did; 72 registers keep 6 programs per SM,
         # so all 688 run in one wave
-        1: ('mma', _mma(4, 1, table=True, hint=True, maxnreg=72)),  # 14.5-14.6 us vs 15.4-15.6 (kernels-occupancy, 3 runs)
+        # scales decoded a step ahead, activations at use (registers for the scales under the cap)
+        1: ('mma', _mma(4, 1, table=True, x_ahead=False, hint=True, maxnreg=72, scale_ahead=True)),  # 14.4-14.6 us vs 14.6-14.7 (kernels-scale-ahead, 2 runs)
         2: ('mma', _mma(4, 1, table=True, hint=True, maxnreg=72)),  # 14.8-15.0 us vs 15.8-15.9 (kernels-occupancy, 2 runs)
         4: ('mma', _mma(4, 1, table=True, hint=True, maxnreg=72)),  # 16.3-16.5 us vs 16.6-16.7 (kernels-occupancy, 2 runs)
-        8: ('mma', _mma(4, 1, shared_scales=True, hint=True, unroll=2)),  # 20.1 us vs 20.5-20.6 (kernels-unroll)
+        8: ('mma', _mma(4, 1, hint=True, unroll=2, scale_ahead=True)),  # 19.6-19.9 us vs 20.0-20.3 (kernels-scale-ahead, 2 runs)
         12: ('mma', _mma(2, 1)),  # 22.6 us vs 31.5 fused
         16: ('mma', _mma(2, 1, depth=2, shared_scales=True, steady=True, hint=True)),  # 22.1-22.4 us vs 22.2-22.6 (kernels-l2-hint, 2 runs)
         64: ('fused', {'BM': 64, 'BN': 64, 'BK': 128, 'SPLIT_K': 2, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 45.7 us
