@@ -389,7 +389,7 @@ def _fetch_weights(packed_ptr, absmax_ptr, nested_absmax_ptr, seg, scale_seg, se
     """One segment's weight loads: the packed words of rows g and g + 8 (16 bytes each; of row g
     alone with 8 rows per program) and, unless the scales come from shared memory, the
     block-scale bytes of segment ``scale_seg`` (``seg``, or with ``SCALE_AHEAD`` the warp's next
-    one; see ``_scale_bytes``). MASKED:
+    one; see ``_segment_scale_bytes``). MASKED:
     anything past the segment range, K or the program's rows reads as 0. Otherwise no masks: rows
     past the program's end read its last row and columns past the row end its last codes, which
     meet zero activations or land in outputs never stored. The thread's columns come from
@@ -433,14 +433,14 @@ def _fetch_weights(packed_ptr, absmax_ptr, nested_absmax_ptr, seg, scale_seg, se
                                  L2_HINT)
     loads = wg + wh if HALVES else (wg, wh)
     if not SHARED_SCALES:
-        loads = loads + _scale_bytes(absmax_ptr, nested_absmax_ptr, scale_seg, seg_end, c, row, row_end, K, KB, BS,
-                                     NESTED, MASKED, GROUPS)
+        loads = loads + _segment_scale_bytes(absmax_ptr, nested_absmax_ptr, scale_seg, seg_end, c, row, row_end, K,
+                                             KB, BS, NESTED, MASKED, GROUPS)
     return loads
 
 
 @triton.jit
-def _scale_bytes(absmax_ptr, nested_absmax_ptr, seg, seg_end, c, row, row_end, K, KB, BS: tl.constexpr,
-                 NESTED: tl.constexpr, MASKED: tl.constexpr, GROUPS: tl.constexpr):
+def _segment_scale_bytes(absmax_ptr, nested_absmax_ptr, seg, seg_end, c, row, row_end, K, KB, BS: tl.constexpr,
+                         NESTED: tl.constexpr, MASKED: tl.constexpr, GROUPS: tl.constexpr):
     """The block-scale loads of rows g and g + 8 for segment ``seg`` (``scale_bytes``' pair; with
     GROUPS, a pair per group: the blocks of columns 0-63 and 64-127), masked or clamped as the
     words of ``_fetch_weights``."""
@@ -462,8 +462,8 @@ def _scale_bytes(absmax_ptr, nested_absmax_ptr, seg, seg_end, c, row, row_end, K
 @triton.jit
 def _decoded_scales(loads, seg, seg_end, c, row, row_end, K, nested_code_ptr, offset, NESTED: tl.constexpr,
                     MASKED: tl.constexpr, GROUPS: tl.constexpr):
-    """fp32 block scales of rows g and g + 8 (per group) from ``_scale_bytes``' loads for ``seg``;
-    MASKED: 0 past the range, K or the program's rows."""
+    """fp32 block scales of rows g and g + 8 (per group) from ``_segment_scale_bytes``' loads for
+    ``seg``; MASKED: 0 past the range, K or the program's rows."""
     columns = _lane_columns(seg, c, GROUPS)
     scales = ()
     for group in tl.static_range(max(GROUPS, 1)):
@@ -618,9 +618,9 @@ def _skinny_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, n
         acts = _fetch_activations(x_ptr, seg, seg_end, c, row, M, K, KB, BS, TILES, True, GROUPS)
     scales, blk0 = zero, 0
     if SCALE_AHEAD:  # the first segment's scales, the rest decoded a step ahead
-        scales = _decoded_scales(_scale_bytes(absmax_ptr, nested_absmax_ptr, seg, seg_end, c, row, row_end, K, KB, BS,
-                                              NESTED, True, GROUPS),
-                                 seg, seg_end, c, row, row_end, K, nested_code_ptr, offset, NESTED, True, GROUPS)
+        first = _segment_scale_bytes(absmax_ptr, nested_absmax_ptr, seg, seg_end, c, row, row_end, K, KB, BS, NESTED,
+                                     True, GROUPS)
+        scales = _decoded_scales(first, seg, seg_end, c, row, row_end, K, nested_code_ptr, offset, NESTED, True, GROUPS)
     if SHARED_SCALES:
         scales = _fill_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, seg0, seg_end, row_end, KB, BS,
                               NESTED, DT, NW, SCALE_BLOCKS, SCALE_DECL, ROWS)
