@@ -2,9 +2,10 @@
 ``tests/ptx_model.py`` its inline PTX (decode, shared tables, ``mma``), against the torch reference
 in fp32. Covers what only a GPU run covered before: partial segments and row groups, split K, one to
 eight warps, 16- and 8-row programs, masked and steady loops, scaling before and after the mma,
-every decode and queue variant, masked loops unrolled or not, block scales decoded a step ahead or at use, weight loads with and without the L2
-hint, with and without bias, fp16 and bf16 (the kernel does no bf16 arithmetic in Triton, which the
-interpreter gets wrong; the PTX model rounds through torch), and every plan the dispatcher ships.
+every decode and queue variant, masked loops unrolled or not, block scales decoded a step ahead or
+at use, weight loads with and without the L2 hint, with and without bias, fp16 and bf16 (the kernel
+does no bf16 arithmetic in Triton, which the interpreter gets wrong; the PTX model rounds through
+torch), and every plan the dispatcher ships.
 """
 from __future__ import annotations
 

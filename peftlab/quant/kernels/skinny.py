@@ -719,7 +719,7 @@ def matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, config
     (scale each block's fp32 mma sums rather than the decoded codes; not with ``SHARED_SCALES``,
     and ignored for 32-code blocks), ``L2_HINT`` (load the packed codes with the PTX hint that
     fills 256 bytes of L2 per miss), ``MAXNREG`` (cap the registers per thread, so that enough
-    programs share an SM to run the whole grid in one wave; ``None``: the compiler's choice) and
+    programs share an SM to run the whole grid in one wave; ``None``: the compiler's choice),
     ``UNROLL`` (masked steps per loop iteration: 1, or 2 so that the queued loads alternate between
     two register sets instead of being moved; the steady loop is not unrolled) and ``SCALE_AHEAD``
     (decode each segment's block scales one step earlier, from bytes loaded a segment further

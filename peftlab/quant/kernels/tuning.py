@@ -20,14 +20,15 @@ with the L2 prefetch-size hint against the plan, the same way) and ``kernels-occ
 (more warps per program and register caps against the plan, the same way) and
 ``kernels-unroll-h100.json`` (the masked loop unrolled by two against the plan, two runs of 5
 alternating rounds from HBM) and ``kernels-scale-ahead-h100.json`` (block scales decoded a step
-ahead against the plan, the same way) for the rows that name them. Kinds: ``gemv1`` (persistent one-row GEMV), ``gemv`` (CUDA-core GEMV), ``mma`` (``skinny``: up
-to 16 rows, the weight decoded in registers, or with ``TABLE`` through a shared pair table, for
-tensor-core ``mma.sync``; ``DEPTH`` segments fetched ahead, activations at use unless ``X_AHEAD``,
-block scales from a per-program shared table with ``SHARED_SCALES``, ``rows=8`` for programs of 8
-weight rows, twice as many, ``steady`` for no masks where segments are whole, ``late`` for block
-scales applied to the mma's fp32 partials, ``hint`` for weight loads that fill 256 bytes of L2 per
-miss, ``maxnreg`` for a cap on registers per thread, ``unroll`` for masked steps per loop iteration,
-``scale_ahead`` for block scales decoded one step before their segment), ``fused`` (dequantize tiles into ``tl.dot``),
+ahead against the plan, the same way) for the rows that name them. Kinds: ``gemv1`` (persistent
+one-row GEMV), ``gemv`` (CUDA-core GEMV), ``mma`` (``skinny``: up to 16 rows, the weight decoded in
+registers, or with ``TABLE`` through a shared pair table, for tensor-core ``mma.sync``; ``DEPTH``
+segments fetched ahead, activations at use unless ``X_AHEAD``, block scales from a per-program
+shared table with ``SHARED_SCALES``, ``rows=8`` for programs of 8 weight rows, twice as many,
+``steady`` for no masks where segments are whole, ``late`` for block scales applied to the mma's
+fp32 partials, ``hint`` for weight loads that fill 256 bytes of L2 per miss, ``maxnreg`` for a cap
+on registers per thread, ``unroll`` for masked steps per loop iteration, ``scale_ahead`` for block
+scales decoded one step before their segment), ``fused`` (dequantize tiles into ``tl.dot``),
 ``chunked`` (dequantize into a scratch buffer + cuBLAS; the value is the chunk size in elements,
 ``None`` for the whole weight at once), ``overlap`` (chunks as ``chunked``, the next one dequantized
 on a side stream during the current GEMM). The comments give the measured time, for some rows
@@ -65,7 +66,7 @@ FORWARD = {
         4096: ('overlap', 8388608),  # 213.8 us vs 217.9 whole (alternating rounds)
     },
     (4096, 11008): {
-        # scales decoded a step ahead instead of from the shared table, which frees the registers for two segments in flight
+        # scales decoded a step ahead in place of the shared scale table, two segments in flight (with the table: 21.8 us)
         1: ('mma', _mma(8, 1, table=True, depth=2, hint=True, unroll=2, scale_ahead=True)),  # 14.5 us vs 14.7-14.8 (kernels-scale-ahead, 2 runs)
         2: ('mma', _mma(8, 1, table=True, shared_scales=True, hint=True, unroll=2)),  # 15.3 us vs 15.9 (kernels-unroll)
         4: ('mma', _mma(8, 1, table=True, shared_scales=True, hint=True, unroll=2)),  # 15.8 us vs 16.3 (kernels-unroll)
@@ -80,7 +81,7 @@ FORWARD = {
     (11008, 4096): {
         # 4 warps, each walking half the segments one of 2 warps did; 72 registers keep 6 programs per SM,
         # so all 688 run in one wave
-        # scales decoded a step ahead, activations at use (registers for the scales under the cap)
+        # scales decoded a step ahead and activations at use (with activations ahead: 15.4 us)
         1: ('mma', _mma(4, 1, table=True, x_ahead=False, hint=True, maxnreg=72, scale_ahead=True)),  # 14.4-14.6 us vs 14.6-14.7 (kernels-scale-ahead, 2 runs)
         2: ('mma', _mma(4, 1, table=True, hint=True, maxnreg=72)),  # 14.8-15.0 us vs 15.8-15.9 (kernels-occupancy, 2 runs)
         4: ('mma', _mma(4, 1, table=True, hint=True, maxnreg=72)),  # 16.3-16.5 us vs 16.6-16.7 (kernels-occupancy, 2 runs)
