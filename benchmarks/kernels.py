@@ -41,7 +41,7 @@ from peftlab.quant.kernels import (  # noqa: E402
     tuning,  # noqa: E402
 )
 from peftlab.quant.kernels.dequant import dequantize  # noqa: E402
-from peftlab.quant.nf4 import quantize_nf4  # noqa: E402
+from peftlab.quant.nf4 import in_tiles, quantize_nf4, tiles_fit  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]  # (N out_features, K in_features)
 MS = [1, 4, 16, 64, 256, 1024, 4096]
@@ -155,6 +155,8 @@ class Operands:
         for i in range(n_nf4):
             w = dense[i % len(dense)] if i < len(dense) else torch.randn(n, k, device="cuda", generator=gen).mul_(0.02).to(DTYPE)
             packed, state = quantize_nf4(w, blocksize=64, double_quant=True)
+            if tiles_fit((n, k), 64):  # as an NF4Linear on the GPU holds it
+                packed, state = in_tiles(packed, state)
             self.nf4.append((packed, state, NF4Weight.from_state(packed, state)))
             if with_bnb:
                 import bitsandbytes.functional as bnbf

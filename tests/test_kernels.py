@@ -17,6 +17,8 @@ if not INNER:
 
 
 else:
+    import dataclasses
+
     import torch
 
     from peftlab.quant.kernels import (
@@ -31,7 +33,7 @@ else:
     )
     from peftlab.quant.kernels.dequant import dequantize
     from peftlab.quant.kernels.tuning import blocks_per_step
-    from peftlab.quant.nf4 import dequantize_nf4, quantize_nf4
+    from peftlab.quant.nf4 import dequantize_nf4, quantize_nf4, to_tiles
 
     def _weight(n, k, blocksize=64, nested=True, seed=0):
         w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
@@ -126,6 +128,34 @@ else:
         assert torch.equal(chunked.matmul_grad_input(grad, weight, 40 * 64, overlap=True), out)
         # The dispatcher overlaps only under CUDA-graph capture and for two or more whole chunks.
         assert not chunked.overlap_pays(weight, 40 * 64)
+
+    @pytest.mark.parametrize("blocksize", [32, 64, 256])
+    def test_every_kernel_reads_tiled_weights(blocksize):
+        """Bytes in tiles, as a layer on a GPU holds them: blocks of 16 and 32 bytes inside a tile's
+        rows, and of 128 bytes spanning two tiles."""
+        n, k = 32, 512
+        packed, state, ref = _weight(n, k, blocksize)
+        packed, state = to_tiles(packed, (n, k)), dataclasses.replace(state, tiled=True)
+        weight = NF4Weight.from_state(packed, state)
+        assert weight.tiled
+        assert torch.equal(nf4_dequantize(packed, state, torch.float32), ref)
+        # pieces of whole tiles are walked in storage order, others block by block along rows
+        for rows, cols in (((16, 32), (256, 512)), ((3, 29), (blocksize, min(3 * blocksize, k)))):
+            piece = dequantize(weight, torch.float32, row_start=rows[0], row_count=rows[1] - rows[0],
+                               col_start=cols[0], col_count=cols[1] - cols[0])
+            assert torch.equal(piece, ref[rows[0]:rows[1], cols[0]:cols[1]])
+        x, b = _inputs(3, n, k)
+        expect = x.float() @ ref.t() + b.float()
+        out = gemv.gemv(x, weight, b, blocks_per_step({"BN": 4, "BK": 256, "VEC": 16, "num_warps": 2}, blocksize))
+        assert _rel(out, expect) < 2e-3
+        out = gemv.gemv_row(x[:1], weight, b, {"PROGRAMS_PER_SM": 2, "CHUNK_BLOCKS": 4, "VEC": 16, "num_warps": 4})
+        assert _rel(out, expect[:1]) < 2e-3
+        config = {"BM": 16, "BN": 16, "BK": 256, "SPLIT_K": 2, "W_IS_A": True, "num_warps": 4, "num_stages": 2}
+        assert _rel(gemm.matmul(x, weight, b, blocks_per_step(config, blocksize)), expect) < 2e-3
+        grad = _inputs(3, n, n)[0]
+        config = {"BM": 16, "BR": 16, "BK": 256, "SPLIT_K": 1, "num_warps": 4, "num_stages": 2}
+        assert _rel(gemm.matmul_grad_input(grad, weight, blocks_per_step(config, blocksize)), grad.float() @ ref) < 2e-3
+        assert _rel(chunked.matmul(x.float(), weight, b.float(), chunk_elems=16 * k), expect) < 1e-6
 
     def test_plans_follow_the_measured_tables():
         from peftlab.quant.kernels import tuning

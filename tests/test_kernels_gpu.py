@@ -11,16 +11,22 @@ from peftlab.quant.kernels import tuning
 pytestmark = pytest.mark.gpu
 
 DEVICE = "cuda"
-SHAPES = [(768, 2112), (520, 4160)]  # in_features not a multiple of 64*256; 520 rows: partial tiles
+# (rows, columns, bytes in tiles): in_features not a multiple of 64*256; 520 rows: partial tiles;
+# 528 x 4224 in the 16 x 128 tiles layers hold on the GPU
+SHAPES = [(768, 2112, False), (520, 4160, False), (528, 4224, True)]
 
 
-def _weight(n, k, blocksize=64, nested=True, seed=0):
-    from peftlab.quant.nf4 import dequantize_nf4, quantize_nf4
+def _weight(n, k, blocksize=64, nested=True, seed=0, tiled=False):
+    """(packed, state, fp32 reference) of a random weight, its bytes row-major or in tiles."""
+    from peftlab.quant.nf4 import dequantize_nf4, in_tiles, quantize_nf4
 
     g = torch.Generator(device=DEVICE).manual_seed(seed)
     w = torch.randn(n, k, device=DEVICE, generator=g) * 0.02
     packed, state = quantize_nf4(w, blocksize=blocksize, double_quant=nested)
-    return packed, state, dequantize_nf4(packed, state, torch.float32)
+    ref = dequantize_nf4(packed, state, torch.float32)
+    if tiled:
+        packed, state = in_tiles(packed, state)
+    return packed, state, ref
 
 
 def _rel(out, ref):
@@ -38,11 +44,11 @@ def _x(m, k, dtype, seed=1):
 
 
 @pytest.mark.parametrize("blocksize,nested", [(64, True), (64, False), (128, True), (256, True), (32, True)])
-@pytest.mark.parametrize("n,k", [(768, 2112), (33, 96), (7, 130)])
-def test_dequantize_matches_reference_bit_for_bit(n, k, blocksize, nested):
+@pytest.mark.parametrize("n,k,tiled", [(768, 2112, False), (33, 96, False), (7, 130, False), (48, 2048, True)])
+def test_dequantize_matches_reference_bit_for_bit(n, k, tiled, blocksize, nested):
     from peftlab.quant.kernels import nf4_dequantize
 
-    packed, state, ref = _weight(n, k, blocksize, nested)
+    packed, state, ref = _weight(n, k, blocksize, nested, tiled=tiled)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         assert torch.equal(nf4_dequantize(packed, state, dtype), ref.to(dtype))
 
@@ -50,11 +56,11 @@ def test_dequantize_matches_reference_bit_for_bit(n, k, blocksize, nested):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("nested,bias", [(True, True), (False, False), (True, False)])
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 16, 33, 64, 256, 1024, 4096])
-@pytest.mark.parametrize("n,k", SHAPES)
-def test_matmul_matches_reference(n, k, m, nested, bias, dtype):
+@pytest.mark.parametrize("n,k,tiled", SHAPES)
+def test_matmul_matches_reference(n, k, tiled, m, nested, bias, dtype):
     from peftlab.quant.kernels import nf4_matmul
 
-    packed, state, ref = _weight(n, k, nested=nested)
+    packed, state, ref = _weight(n, k, nested=nested, tiled=tiled)
     x = _x(m, k, dtype)
     b = (torch.randn(n, device=DEVICE) * 0.1).to(dtype) if bias else None
     out = nf4_matmul(x, packed, state, b)
@@ -65,11 +71,11 @@ def test_matmul_matches_reference(n, k, m, nested, bias, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m", [1, 16, 256, 4096])
-@pytest.mark.parametrize("n,k", SHAPES)
-def test_grad_input_matches_reference(n, k, m, dtype):
+@pytest.mark.parametrize("n,k,tiled", SHAPES)
+def test_grad_input_matches_reference(n, k, tiled, m, dtype):
     from peftlab.quant.kernels import nf4_matmul_grad_input
 
-    packed, state, ref = _weight(n, k)
+    packed, state, ref = _weight(n, k, tiled=tiled)
     grad = _x(m, n, dtype)
     out = nf4_matmul_grad_input(grad, packed, state)
     assert out.dtype == dtype and out.shape == (m, k)
@@ -87,13 +93,13 @@ def _forced_configs():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m", [1, 5, 40])
-def test_every_candidate_and_table_config_is_correct(m, dtype):
-    """Each config the tables hold or may be tuned to, forced one at a time."""
+@pytest.mark.parametrize("n,k,tiled", SHAPES[1:])
+def test_every_candidate_and_table_config_is_correct(n, k, tiled, m, dtype):
+    """Each config the tables hold or may be tuned to, forced one at a time, on row-major and tiled bytes."""
     from peftlab.quant.kernels import NF4Weight, chunked, gemm, gemv, skinny
     from peftlab.quant.kernels.tuning import blocks_per_step
 
-    n, k = 520, 4160
-    packed, state, ref = _weight(n, k, nested=True)
+    packed, state, ref = _weight(n, k, nested=True, tiled=tiled)
     weight = NF4Weight.from_state(packed, state)
     x, grad = _x(m, k, dtype), _x(m, n, dtype, seed=2)
     b = (torch.randn(n, device=DEVICE) * 0.1).to(dtype) if dtype == torch.float16 else None
@@ -118,20 +124,22 @@ def test_every_candidate_and_table_config_is_correct(m, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("blocksize,nested,k", [(64, True, 4160), (64, False, 2112), (64, True, 64), (32, True, 3232),
-                                                (32, False, 96), (128, True, 4224), (256, False, 4352)])
-@pytest.mark.parametrize("n", [520, 33])
-def test_skinny_mma_matches_reference(n, k, blocksize, nested, dtype):
+@pytest.mark.parametrize("n,k,blocksize,nested,tiled", [
+    (n, k, blocksize, nested, False) for n in (520, 33) for blocksize, nested, k in
+    [(64, True, 4160), (64, False, 2112), (64, True, 64), (32, True, 3232), (32, False, 96), (128, True, 4224),
+     (256, False, 4352)]] + [(528, 4224, 64, True, True), (48, 4096, 32, False, True), (64, 4352, 256, False, True),
+                             (32, 4224, 128, True, True)])
+def test_skinny_mma_matches_reference(n, k, blocksize, nested, tiled, dtype):
     """Tensor-core decode for 1-16 rows: both tiles, partial segments (K % 128 = 64 or K < 128),
     partial 16- and 8-row groups, split K, masked and steady loops, one or several warps, with and
     without bias, register and
     shared-table decode, one to three segments fetched ahead, activations loaded ahead or at use,
     block scales decoded per segment or once into shared memory, applied before or after the mma,
     weights loaded by Triton or by the L2-hinted PTX, masked loops of one or two steps per iteration,
-    block scales decoded a step ahead or at use."""
+    block scales decoded a step ahead or at use; weight bytes row-major or in tiles."""
     from peftlab.quant.kernels import NF4Weight, skinny
 
-    packed, state, ref = _weight(n, k, blocksize, nested)
+    packed, state, ref = _weight(n, k, blocksize, nested, tiled=tiled)
     weight = NF4Weight.from_state(packed, state)
     b = (torch.randn(n, device=DEVICE) * 0.1).to(dtype)
     for m in (1, 2, 7, 8, 9, 16):
@@ -160,14 +168,16 @@ def test_skinny_mma_matches_reference(n, k, blocksize, nested, dtype):
 
 @pytest.mark.parametrize("m,config", tuning.mma_plans())
 def test_every_shipped_skinny_plan_matches_reference(m, config):
-    """What the dispatcher runs, config by config, on a weight with partial row groups and segments."""
+    """What the dispatcher runs, config by config, on a weight with partial row groups and segments
+    and on one in tiles."""
     from peftlab.quant.kernels import NF4Weight, skinny
 
-    packed, state, ref = _weight(520, 4160)
-    weight = NF4Weight.from_state(packed, state)
-    for rows in (m, 1 if m > 8 else 7):
-        x = _x(rows, 4160, torch.bfloat16, seed=rows)
-        assert _rel(skinny.matmul(x, weight, None, config), x.float() @ ref.t()) < _tol(torch.bfloat16), config
+    for n, k, tiled in SHAPES[1:]:
+        packed, state, ref = _weight(n, k, tiled=tiled)
+        weight = NF4Weight.from_state(packed, state)
+        for rows in (m, 1 if m > 8 else 7):
+            x = _x(rows, k, torch.bfloat16, seed=rows)
+            assert _rel(skinny.matmul(x, weight, None, config), x.float() @ ref.t()) < _tol(torch.bfloat16), config
 
 
 def test_skinny_mma_takes_strided_activations_and_runs_in_a_graph():

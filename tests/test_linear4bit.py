@@ -274,6 +274,42 @@ def test_fp4_checkpoint_is_refused():
         _load_as_proj(sd)
 
 
+def test_tiled_layer_computes_the_same_and_saves_row_major():
+    """A layer's bytes in tiles (as on a GPU running the Triton kernels) give the same forward,
+    dequantized weight and backward; its state dict is still bitsandbytes' and loads anywhere."""
+    lin = _linear(in_f=256, out_f=48)
+    layer = NF4Linear.from_linear(lin)
+    assert not layer.tiled  # on the CPU the bytes stay row-major
+    ref_sd, ref_w = layer.state_dict(), layer.dequantize()
+    x = torch.randn(3, 256, requires_grad=True)
+    ref_y = layer(x)
+    ref_y.sum().backward()
+    ref_grad, x.grad = x.grad, None
+    layer._set_tiled(True)
+    assert layer.tiled and layer.quant_state.tiled and not torch.equal(layer.weight, ref_sd["weight"])
+    assert torch.equal(layer.dequantize(), ref_w)
+    y = layer(x)
+    y.sum().backward()
+    assert torch.equal(y, ref_y) and torch.equal(x.grad, ref_grad)
+    sd = layer.state_dict()
+    assert all(torch.equal(sd[k], ref_sd[k]) for k in ref_sd)
+    assert torch.equal(_bnb_layer(lin).state_dict()["weight"], sd["weight"])
+    fresh = NF4Linear(256, 48)
+    fresh.load_state_dict(sd)
+    assert not fresh.tiled and torch.equal(fresh.weight, ref_sd["weight"])
+    layer.load_state_dict(ref_sd)  # a row-major state dict into a tiled layer
+    assert not layer.tiled and torch.equal(layer.dequantize(), ref_w)
+
+
+def test_untileable_shapes_and_tiled_states_are_checked():
+    lin = _linear(in_f=192, out_f=40)  # 40 rows, 192 columns: no whole tiles
+    layer = NF4Linear.from_linear(lin)
+    state = layer.quant_state
+    state.tiled = True
+    with pytest.raises(NF4FormatError, match="tiled"):
+        layer.set_quantized(layer.weight.detach().clone(), state)
+
+
 # ----------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("double_quant", [False, True])
@@ -298,6 +334,25 @@ def test_cuda_forward_and_backward_against_fp32_reference(double_quant):
     for backend in {dispatch.backend_for(x.device), dispatch.TORCH}:
         out = backend.linear(x32, layer)
         assert torch.allclose(out, nn.functional.linear(x32, w32, lin.bias.float().cuda()), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
+def test_layers_on_the_gpu_hold_tiles_and_moves_reorder_them():
+    """Built on the GPU, a tileable layer holds tiles and runs like the CPU layer; moved to the CPU it
+    goes back to row-major, and back on the GPU into tiles; an untileable one stays row-major."""
+    lin = _linear(in_f=256, out_f=48)
+    cpu_layer = NF4Linear.from_linear(lin)
+    layer = NF4Linear.from_linear(_linear(in_f=256, out_f=48).cuda())
+    assert layer.tiled and torch.equal(layer.state_dict()["weight"].cpu(), cpu_layer.weight)
+    assert torch.equal(layer.dequantize().cpu(), cpu_layer.dequantize())
+    x = torch.randn(5, 256)
+    assert torch.allclose(layer(x.cuda()).cpu(), cpu_layer(x), rtol=1e-2, atol=1e-2)
+    moved = layer.cpu()
+    assert not moved.tiled and torch.equal(moved.weight, cpu_layer.weight)
+    assert moved.cuda().tiled
+    assert cpu_layer.cuda().tiled  # a CPU-built layer moved in is tiled too
+    odd = NF4Linear.from_linear(_linear(in_f=192, out_f=40).cuda())
+    assert not odd.tiled
 
 
 @pytest.mark.gpu

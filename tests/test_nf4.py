@@ -15,7 +15,10 @@ from peftlab.quant.nf4 import (  # noqa: E402
     create_dynamic_map,
     decode_absmax,
     dequantize_nf4,
+    from_tiles,
     quantize_nf4,
+    tiles_fit,
+    to_tiles,
 )
 from tests.conftest import bnb_dequantize  # noqa: E402
 
@@ -239,3 +242,34 @@ def test_cuda_quantization_equals_cpu_bytes(double_quant):
             assert torch.equal(state_gpu.nested_absmax.cpu(), state.nested_absmax)
             assert state_gpu.offset == state.offset
         assert torch.equal(dequantize_nf4(packed_gpu, state_gpu).cpu(), dequantize_nf4(packed, state))
+
+
+# ----------------------------------------------------------------------------- tiled byte order
+@pytest.mark.parametrize("rows,cols", [(16, 128), (48, 384), (32, 1024)])
+def test_tiles_put_every_byte_where_the_kernels_read_it(rows, cols):
+    """Byte j of row r lands at tile (r // 16, j // 64), row r % 16, byte j % 64 of the tile,
+    computed here index by index rather than by the reshape the code uses."""
+    packed = torch.randint(0, 256, (rows * cols // 2,), dtype=torch.uint8)
+    tiled = to_tiles(packed, (rows, cols))
+    r = torch.arange(rows).repeat_interleave(cols // 2)
+    j = torch.arange(cols // 2).repeat(rows)
+    where = ((r // 16) * (cols // 128) + j // 64) * 1024 + (r % 16) * 64 + j % 64
+    expected = torch.empty_like(packed)
+    expected[where] = packed
+    assert torch.equal(tiled, expected)
+    assert torch.equal(from_tiles(tiled, (rows, cols)), packed)
+
+
+def test_a_tiled_state_dequantizes_like_the_row_major_one():
+    weight = torch.randn(32, 256)
+    packed, state = quantize_nf4(weight, 64, True)
+    tiled_state = QuantState(**{**state.__dict__, "tiled": True})
+    assert torch.equal(dequantize_nf4(to_tiles(packed, (32, 256)), tiled_state), dequantize_nf4(packed, state))
+
+
+def test_which_shapes_fit_in_tiles():
+    assert tiles_fit((16, 128), 64) and tiles_fit((4096, 11008), 64) and tiles_fit((32, 512), 256)
+    assert not tiles_fit((24, 128), 64)  # rows not a multiple of 16
+    assert not tiles_fit((16, 192), 64)  # columns not a multiple of 128
+    assert not tiles_fit((16, 384), 256)  # rows not made of whole blocks
+    assert not tiles_fit((4096,), 64)

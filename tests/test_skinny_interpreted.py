@@ -3,12 +3,14 @@
 in fp32. Covers what only a GPU run covered before: partial segments and row groups, split K, one to
 eight warps, 16- and 8-row programs, masked and steady loops, scaling before and after the mma,
 every decode and queue variant, masked loops unrolled or not, block scales decoded a step ahead or
-at use, weight loads with and without the L2 hint, with and without bias, fp16 and bf16 (the kernel
+at use, weight loads with and without the L2 hint, weights row-major and in tiles, with and without
+bias, fp16 and bf16 (the kernel
 does no bf16 arithmetic in Triton, which the interpreter gets wrong; the PTX model rounds through
 torch), and every plan the dispatcher ships.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -25,7 +27,7 @@ else:
     import torch
 
     from peftlab.quant.kernels import NF4Weight, skinny, tuning
-    from peftlab.quant.nf4 import dequantize_nf4, quantize_nf4
+    from peftlab.quant.nf4 import dequantize_nf4, quantize_nf4, to_tiles
     from tests import ptx_model
 
     ptx_model.install()
@@ -38,12 +40,25 @@ else:
     LAUNCHES = (({"SPLIT": 1, "num_warps": 4}, True), ({"SPLIT": 3, "num_warps": 2}, False),
                 ({"SPLIT": 1, "num_warps": 1}, False), ({"SPLIT": 2, "num_warps": 8}, True))
 
-    @pytest.mark.parametrize("n,k,blocksize,nested,dtype", SHAPES)
-    def test_every_variant_matches_reference(n, k, blocksize, nested, dtype):
-        torch.manual_seed(n + k)
+    # Tileable shapes (rows in 16s, columns in 128s), the tiles read with blocks of 16-64 bytes
+    TILED_SHAPES = [(48, 1024, 64, True, torch.float16), (32, 640, 32, False, torch.bfloat16),
+                    (16, 1152, 128, True, torch.float16)]
+
+    def _weight(n, k, blocksize, nested, tiled=False):
+        """(NF4Weight, fp32 reference) of a random weight, its bytes row-major or in tiles."""
         packed, state = quantize_nf4(torch.randn(n, k) * 0.02, blocksize=blocksize, double_quant=nested)
         ref = dequantize_nf4(packed, state, torch.float32)
+        if tiled:
+            packed, state = to_tiles(packed, (n, k)), dataclasses.replace(state, tiled=True)
         weight = NF4Weight.from_state(packed, state)
+        assert weight.tiled == tiled
+        return weight, ref
+
+    @pytest.mark.parametrize("n,k,blocksize,nested,dtype,tiled",
+                             [shape + (False,) for shape in SHAPES] + [shape + (True,) for shape in TILED_SHAPES])
+    def test_every_variant_matches_reference(n, k, blocksize, nested, dtype, tiled):
+        torch.manual_seed(n + k)
+        weight, ref = _weight(n, k, blocksize, nested, tiled)
         bias = (torch.randn(n) * 0.1).to(dtype)
         variants = list(itertools.product((False, True), ((1, True), (2, False), (3, True)), (False, True)))
         for m in (1, 9):  # one B tile; two, the second partial
@@ -74,15 +89,17 @@ else:
         with pytest.raises(ValueError, match="LATE_SCALE and SHARED_SCALES"):
             skinny.matmul(x, weight, None, {"num_warps": 2, "SHARED_SCALES": True, "LATE_SCALE": True})
 
-    @pytest.mark.parametrize("m,config", tuning.mma_plans())
-    def test_every_shipped_plan_matches_reference(m, config):
-        """What the dispatcher runs, config by config, with K long enough (24 whole segments and a
-        partial one) for every plan's unmasked steady loop to run before its masked tail."""
+    @pytest.mark.parametrize("index,m,config", [(i, m, c) for i, (m, c) in enumerate(tuning.mma_plans())])
+    def test_every_shipped_plan_matches_reference(index, m, config):
+        """What the dispatcher runs, config by config, with K long enough for every plan's unmasked
+        steady loop to run before its masked tail, every other plan in tiles as on the measured
+        shapes (24 segments, 32 rows), the rest row-major with a partial segment and row group
+        (24 and a half segments, 24 rows)."""
         torch.manual_seed(m)
-        packed, state = quantize_nf4(torch.randn(24, 3136) * 0.02, blocksize=64, double_quant=True)
-        ref = dequantize_nf4(packed, state, torch.float32)
-        weight = NF4Weight.from_state(packed, state)
-        x = torch.randn(m, 3136).to(torch.float16)
+        tiled = index % 2 == 0  # the plans take turns
+        n, k = (32, 3072) if tiled else (24, 3136)
+        weight, ref = _weight(n, k, 64, True, tiled)
+        x = torch.randn(m, k).to(torch.float16)
         out = skinny.matmul(x, weight, None, config)
         expect = x.float() @ ref.t()
         assert ((out.float() - expect).norm() / expect.norm()).item() < 2e-3, config

@@ -31,7 +31,7 @@ _ALIGNED = ("x_ptr", "packed_ptr", "code_ptr", "out_ptr")  # what the launcher g
 
 def _compile(nw: int, tiles: int, table: bool, depth: int, x_ahead: bool, shared: bool, rows: int, steady: bool,
              groups: int, hint: bool, capability: int, maxnreg: int | None = None, unroll: int = 1,
-             scale_ahead: bool = False):
+             scale_ahead: bool = False, tiled: bool = False):
     kernel = skinny._skinny_kernel
     constants = dict(BS=64, NW=nw, TILES=tiles, SPLIT=1, HAS_BIAS=True, NESTED=True, F16=False, TABLE=table,
                      DEPTH=depth, X_AHEAD=x_ahead, SHARED_SCALES=shared, SCALE_BLOCKS=4,
@@ -39,7 +39,7 @@ def _compile(nw: int, tiles: int, table: bool, depth: int, x_ahead: bool, shared
                      SEGMENT_ASM=skinny.segment_asm("bf16", tiles, table, shared, rows, groups),
                      CONSTRAINTS=skinny.segment_constraints(tiles, shared, groups), ROWS=rows,
                      STEADY=steady, GROUPS=groups, L2_HINT=hint, UNROLL=unroll,
-                     SCALE_AHEAD=scale_ahead and not shared)
+                     SCALE_AHEAD=scale_ahead and not shared, TILED=tiled)
     signature = {name: "constexpr" if name in constants else _TYPES.get(name, "i32") for name in kernel.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names) if name in _ALIGNED}
     source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
@@ -81,10 +81,13 @@ def whole_pairs(nw: int) -> set[tuple[str, str, str, str]]:
     (2, 1, True, 2, True, False, 16, False, 2, True), (4, 2, False, 2, False, False, 8, True, 2, True),
     (8, 2, True, 1, True, False, 16, True, 1, False), (2, 1, True, 2, True, False, 16, False, 0, True),
     (8, 1, True, 1, True, False, 8, False, 2, True)])
+@pytest.mark.parametrize("tiled", [False, True])
 def test_every_thread_holds_whole_pairs(nw, tiles, table, depth, x_ahead, shared, rows, steady, groups, hint,
-                                        capability):
-    """Every variant, weights loaded by Triton or by the L2-hinted PTX (``hint``), gets whole pairs."""
-    ttgir = _ttgir(nw, tiles, table, depth, x_ahead, shared, rows, steady, groups, hint, capability)
+                                        capability, tiled):
+    """Every variant, weights loaded by Triton or by the L2-hinted PTX (``hint``), row-major or in
+    tiles, gets whole pairs."""
+    ttgir = _ttgir(nw, tiles, table, depth, x_ahead, shared, rows, steady, groups, hint, capability, None, 1, False,
+                   tiled)
     assert segment_operand_layouts(ttgir, nw * 32) == whole_pairs(nw)
 
 
@@ -116,11 +119,12 @@ def test_queued_words_keep_their_layout_through_the_loops(nw, tiles, table, shar
 
 
 def _compile_plan(m: int, config: dict):
-    """A plan of the forward tables compiled for sm_90 as the dispatcher runs it (64-code blocks)."""
+    """A plan of the forward tables compiled for sm_90 as the dispatcher runs it on the tables' shapes
+    (64-code blocks, the weight in tiles)."""
     return _compile(config["num_warps"], 1 if m <= 8 else 2, config["TABLE"], config["DEPTH"], config["X_AHEAD"],
                     config["SHARED_SCALES"], config["ROWS"], config["STEADY"],
                     skinny.late_scale_groups(64) if config["LATE_SCALE"] else 0, config["L2_HINT"], 90,
-                    config["MAXNREG"], config["UNROLL"], config["SCALE_AHEAD"])
+                    config["MAXNREG"], config["UNROLL"], config["SCALE_AHEAD"], True)
 
 
 @pytest.mark.parametrize("m,config", tuning.mma_plans())

@@ -74,6 +74,11 @@ class NF4Linear(nn.Module):
     ``model.to(torch.bfloat16)`` leave them untouched. The input is cast to ``compute_dtype`` and
     the output is returned in the input's dtype. ``state_dict()`` writes bitsandbytes' keys.
 
+    On a GPU that runs peftlab's Triton kernels the packed bytes are held in tiles
+    (:func:`~peftlab.quant.nf4.to_tiles`, ``tiled`` is then True) when the shape allows: the same
+    bytes, reordered so that the small-batch kernels read 1 KB at a time. Moving the layer
+    elsewhere puts them back in row-major order, and ``state_dict()`` always writes row-major.
+
     Merging an adapter never re-quantizes: the first merge dequantizes into a dense weight in the
     compute dtype (a non-persistent buffer used by forward from then on) and adds the fp32 delta;
     the packed bytes stay untouched, so unmerging the last adapter simply drops the dense weight.
@@ -110,6 +115,7 @@ class NF4Linear(nn.Module):
         self.weight_dtype = weight_dtype
         self.offset: float | None = None
         self.weight = nn.Parameter(torch.zeros(numel // 2, 1, dtype=torch.uint8, device=device), requires_grad=False)
+        self.tiled = False  # packed bytes in tile order (see the class docstring)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
         self.register_buffer("merged_weight", None, persistent=False)
         self._merge_depth = 0
@@ -160,7 +166,8 @@ class NF4Linear(nn.Module):
         return layer
 
     def set_quantized(self, packed: torch.Tensor, state: QuantState) -> None:
-        """Install packed codes and their :class:`QuantState` (tensors are used as given, not copied)."""
+        """Install packed codes and their :class:`QuantState` (tensors are used as given, not copied,
+        unless the bytes are reordered into or out of tiles for the layer's device)."""
         expected = (self.out_features, self.in_features)
         if tuple(state.shape) != expected:
             raise NF4FormatError(f"{self._label()}: quantized weight has shape {list(state.shape)}, "
@@ -188,7 +195,11 @@ class NF4Linear(nn.Module):
         if state.nested_blocksize != nf4.NESTED_BLOCKSIZE:
             raise NF4FormatError(f"{self._label()}: nested blocksize {state.nested_blocksize} is not supported "
                                  f"(only {nf4.NESTED_BLOCKSIZE}).")
+        if state.tiled and not nf4.tiles_fit(expected, state.blocksize):
+            raise NF4FormatError(f"{self._label()}: the quant state says the bytes are tiled, but shape "
+                                 f"{list(expected)} with blocksize {state.blocksize} cannot be.")
         self.weight = nn.Parameter(packed.unsqueeze(1), requires_grad=False)
+        self.tiled = state.tiled
         self.blocksize = state.blocksize
         self.weight_dtype = state.dtype
         self._buffers["absmax"] = state.absmax if state.double_quant else state.absmax.float()
@@ -196,6 +207,26 @@ class NF4Linear(nn.Module):
         self._buffers["nested_absmax"] = state.nested_absmax
         self._buffers["nested_quant_map"] = state.nested_code
         self.offset = state.offset
+        self._arrange()
+
+    def _arrange(self) -> None:
+        """Puts the packed bytes in the order the layer's device reads fastest (see the class docstring)."""
+        if self.weight.is_meta:
+            return
+        shape = (self.out_features, self.in_features)
+        self._set_tiled(dispatch.prefers_tiles(self.weight.device) and nf4.tiles_fit(shape, self.blocksize))
+
+    def _set_tiled(self, tiled: bool) -> None:
+        if tiled != self.tiled:
+            reorder = nf4.to_tiles if tiled else nf4.from_tiles
+            self.weight.data = reorder(self.weight.data, (self.out_features, self.in_features)).unsqueeze(1)
+            self.tiled = tiled
+
+    def _row_major_weight(self) -> torch.Tensor:
+        """The packed Parameter's bytes in bitsandbytes' row-major order (a copy when tiled)."""
+        if not self.tiled:
+            return self.weight
+        return nf4.from_tiles(self.weight.detach(), (self.out_features, self.in_features)).unsqueeze(1)
 
     # ----------------------------------------------------------------- properties
     @property
@@ -223,7 +254,7 @@ class NF4Linear(nn.Module):
         return QuantState(
             shape=(self.out_features, self.in_features), dtype=self.weight_dtype, blocksize=self.blocksize,
             absmax=self.absmax, code=self.quant_map, nested_absmax=self.nested_absmax,
-            nested_code=self.nested_quant_map, offset=self.offset,
+            nested_code=self.nested_quant_map, offset=self.offset, tiled=self.tiled,
         )
 
     def _label(self) -> str:
@@ -296,12 +327,17 @@ class NF4Linear(nn.Module):
         constants = {k: self._buffers[k] for k in _QUANT_KEYS if self._buffers.get(k) is not None}
         for k in constants:
             self._buffers[k] = None
+        before = self.weight.device
         try:
             super()._apply(fn, recurse)
         finally:
             device = self.weight.device
             for k, t in constants.items():  # meta constants (e.g. under to_empty) get storage, not data
                 self._buffers[k] = torch.empty_like(t, device=device) if t.is_meta else t.to(device)
+        if device != before:
+            if before.type == "meta":
+                self.tiled = False  # fresh storage (to_empty) holds no bytes yet; loading fills it row-major
+            self._arrange()
         return self
 
     # ----------------------------------------------------------------- bitsandbytes state dict
@@ -317,7 +353,7 @@ class NF4Linear(nn.Module):
         def out(t):
             return t if keep_vars else t.detach()
 
-        destination[prefix + "weight"] = out(self.weight)
+        destination[prefix + "weight"] = out(self._row_major_weight())
         if self.bias is not None:
             destination[prefix + "bias"] = out(self.bias)
         for key in _QUANT_KEYS:

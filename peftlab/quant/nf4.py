@@ -9,6 +9,11 @@ their mean (``offset``) is subtracted and the rest is quantized with bitsandbyte
 
 The arithmetic below reproduces bitsandbytes' CPU path operation by operation so that packed bytes
 and scales are bit-identical, and it runs unchanged on CUDA tensors.
+
+On a GPU the packed bytes may instead be held in tiles (``to_tiles``): the same bytes reordered so
+that each 16-row x 128-column piece of the weight is 1 KB of contiguous memory, the unit a warp of
+the small-batch kernels reads per step. ``QuantState.tiled`` records the order; the serialized
+format is always the row-major one above.
 """
 from __future__ import annotations
 
@@ -31,6 +36,12 @@ __all__ = [
     "dequantize_nf4",
     "decode_absmax",
     "unpack_codes",
+    "TILE_ROWS",
+    "TILE_COLS",
+    "tiles_fit",
+    "to_tiles",
+    "from_tiles",
+    "in_tiles",
 ]
 
 
@@ -126,6 +137,7 @@ class QuantState:
     nested_code: torch.Tensor | None = None
     nested_blocksize: int = NESTED_BLOCKSIZE
     offset: float | None = None
+    tiled: bool = False  # packed bytes in the tile order of ``to_tiles`` rather than row-major
 
     @property
     def double_quant(self) -> bool:
@@ -265,6 +277,8 @@ def dequantize_nf4(packed: torch.Tensor, state: QuantState, dtype: torch.dtype |
             f"{(numel + 1) // 2}."
         )
     absmax = decode_absmax(state)
+    if state.tiled:
+        packed = from_tiles(packed, state.shape)
     n_blocks = -(-numel // state.blocksize)
     if absmax.numel() != n_blocks:
         raise NF4FormatError(
@@ -282,3 +296,49 @@ def dequantize_nf4(packed: torch.Tensor, state: QuantState, dtype: torch.dtype |
         values = torch.nn.functional.pad(values, (0, pad))
     values = values.view(n_blocks, state.blocksize) * absmax.unsqueeze(1)
     return values.reshape(-1)[:numel].to(dtype or state.dtype).view(state.shape)
+
+
+# ----------------------------------------------------------------------------- tiled byte order
+TILE_ROWS = 16  # weight rows of a tile: the rows one tensor-core warp owns
+TILE_COLS = 128  # weight columns of a tile: one step of a warp, 64 packed bytes per row
+
+
+def tiles_fit(shape: tuple[int, ...], blocksize: int) -> bool:
+    """Whether a ``[out, in]`` weight can be held in tiles: whole tiles, rows of whole blocks."""
+    if len(shape) != 2:
+        return False
+    rows, cols = (int(d) for d in shape)
+    return rows % TILE_ROWS == 0 and cols % TILE_COLS == 0 and cols % blocksize == 0
+
+
+def _tile_view(shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+    rows, cols = (int(d) for d in shape)
+    return rows // TILE_ROWS, TILE_ROWS, cols // TILE_COLS, TILE_COLS // 2
+
+
+def to_tiles(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Row-major packed bytes of a ``shape`` weight -> tile order, as a new flat uint8 tensor.
+
+    Byte ``j`` of row ``r`` moves to tile ``(r // 16, j // 64)`` (tiles row-major over the weight),
+    row ``r % 16`` of it, byte ``j % 64``; needs :func:`tiles_fit`.
+    """
+    flat = packed.reshape(-1) if packed.dtype == torch.uint8 else packed.reshape(-1).view(torch.uint8)
+    return flat.view(_tile_view(shape)).permute(0, 2, 1, 3).contiguous().view(-1)
+
+
+def from_tiles(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The inverse of :func:`to_tiles`: tile-ordered bytes -> a new flat row-major uint8 tensor."""
+    flat = packed.reshape(-1) if packed.dtype == torch.uint8 else packed.reshape(-1).view(torch.uint8)
+    groups, rows, tiles, width = _tile_view(shape)
+    return flat.view(groups, tiles, rows, width).permute(0, 2, 1, 3).contiguous().view(-1)
+
+
+def in_tiles(packed: torch.Tensor, state: QuantState) -> tuple[torch.Tensor, QuantState]:
+    """The same weight with its bytes in tile order and a state that says so (needs :func:`tiles_fit`)."""
+    if state.tiled:
+        return packed, state
+    if not tiles_fit(tuple(state.shape), state.blocksize):
+        raise NF4FormatError(f"a weight of shape {list(state.shape)} and blocksize {state.blocksize} cannot be held "
+                             f"in tiles: rows must be a multiple of {TILE_ROWS} and columns of {TILE_COLS} and of "
+                             f"the blocksize.")
+    return to_tiles(packed, tuple(state.shape)), replace(state, tiled=True)

@@ -87,18 +87,40 @@ def block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, block, 
 
 
 @triton.jit
-def nf4_bytes(packed_ptr, block, mask, BS: tl.constexpr, VEC: tl.constexpr = 16):
-    """Packed bytes of whole blocks: ``block`` [R, NB] -> uint8 [R, NB, BS/2].
+def packed_offsets(rows, cols, k_blocks, BS: tl.constexpr, VEC: tl.constexpr, TILED: tl.constexpr):
+    """Byte offsets of whole blocks' packed codes: blocks ``cols`` of weight rows ``rows``
+    (broadcast to [R, NB]) -> [R, NB, BS/2], row-major or, with TILED, in tile order.
 
-    Each block's BS/2 bytes are contiguous; the high nibble of byte j is element 2j.
-    ``VEC`` caps the bytes one load instruction reads: 4 bytes decode to 8 values, which is
-    exactly one 16-byte vector of bf16/fp16 activations, so both tiles share one layout.
+    Row-major, a block's BS/2 bytes are contiguous. Tiles (``peftlab.quant.nf4.to_tiles``) hold
+    16 rows x 64 bytes each, row-major over the weight; a block of up to 64 bytes lies inside one
+    tile row, a longer one starts a tile and goes on 1 KB further every 64 bytes. ``VEC`` caps
+    the bytes one load instruction reads: 4 bytes decode to 8 values, which is exactly one
+    16-byte vector of bf16/fp16 activations, so both tiles share one layout.
     """
     HB: tl.constexpr = BS // 2
     j = tl.arange(0, HB)
     j = j // VEC * VEC + j % VEC  # same offsets; tells the compiler only VEC bytes are contiguous
-    byte = block.to(tl.int64)[:, :, None] * HB + j[None, None, :]
-    return tl.load(packed_ptr + byte, mask=mask[:, :, None], other=0)
+    if TILED:
+        byte0 = cols.to(tl.int64) * HB
+        tile = (rows // 16).to(tl.int64) * (k_blocks * HB // 64) + byte0 // 64
+        start = tile * 1024 + (rows % 16) * 64 + byte0 % 64
+        # a multiple of the block's bytes (or of 64): lost in the index arithmetic, needed for wide loads
+        start = tl.multiple_of(start, [HB if HB <= 64 else 64] * 2)
+        if HB > 64:  # runs of VEC bytes stay contiguous and aligned, which the arithmetic hides too
+            j = tl.max_contiguous(tl.multiple_of(j // 64 * 1024 + j % 64, VEC), VEC)
+        offsets = start[:, :, None] + j[None, None, :]
+    else:
+        block = rows.to(tl.int64) * k_blocks + cols
+        offsets = block[:, :, None] * HB + j[None, None, :]
+    return offsets
+
+
+@triton.jit
+def nf4_bytes(packed_ptr, rows, cols, k_blocks, mask, BS: tl.constexpr, VEC: tl.constexpr = 16,
+              TILED: tl.constexpr = False):
+    """Packed bytes of whole blocks (see ``packed_offsets``) -> uint8 [R, NB, BS/2]; the high
+    nibble of byte j is element 2j of its block."""
+    return tl.load(packed_ptr + packed_offsets(rows, cols, k_blocks, BS, VEC, TILED), mask=mask[:, :, None], other=0)
 
 
 @triton.jit
@@ -109,15 +131,16 @@ def decode_codes(code_ptr, packed, BS: tl.constexpr):
 
 
 @triton.jit
-def nf4_codes(packed_ptr, code_ptr, block, mask, BS: tl.constexpr, VEC: tl.constexpr = 16):
-    """Unscaled codebook values of whole blocks: ``block`` [R, NB] -> fp32 [R, NB, BS]."""
-    return decode_codes(code_ptr, nf4_bytes(packed_ptr, block, mask, BS, VEC), BS)
+def nf4_codes(packed_ptr, code_ptr, rows, cols, k_blocks, mask, BS: tl.constexpr, VEC: tl.constexpr = 16,
+              TILED: tl.constexpr = False):
+    """Unscaled codebook values of whole blocks (``nf4_bytes``' arguments) -> fp32 [R, NB, BS]."""
+    return decode_codes(code_ptr, nf4_bytes(packed_ptr, rows, cols, k_blocks, mask, BS, VEC, TILED), BS)
 
 
 @triton.jit
 def dequant_tile(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
                  rows, row_mask, col_block0, k_blocks,
-                 NB: tl.constexpr, BS: tl.constexpr, NESTED: tl.constexpr):
+                 NB: tl.constexpr, BS: tl.constexpr, NESTED: tl.constexpr, TILED: tl.constexpr):
     """Dequantized fp32 tile: weight rows ``rows`` [R] x columns [col_block0*BS, +NB*BS).
 
     Needs rows made of whole blocks (k % BS == 0); columns past the row end read as 0.
@@ -126,5 +149,5 @@ def dequant_tile(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_cod
     mask = row_mask[:, None] & (cols < k_blocks)[None, :]
     block = rows[:, None] * k_blocks + cols[None, :]
     scale = block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, block, mask, NESTED)
-    values = nf4_codes(packed_ptr, code_ptr, block, mask, BS) * scale[:, :, None]
-    return tl.reshape(values, (rows.shape[0], NB * BS))
+    codes = nf4_codes(packed_ptr, code_ptr, rows[:, None], cols[None, :], k_blocks, mask, BS, 16, TILED)
+    return tl.reshape(codes * scale[:, :, None], (rows.shape[0], NB * BS))

@@ -13,16 +13,27 @@ from peftlab.quant.kernels.weights import NF4KernelError, NF4Weight
 @triton.jit(do_not_specialize=["n_blocks", "sub_k_blocks", "k_blocks", "row0", "col_block0"])
 def _dequant_blocks_kernel(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, out_ptr,
                            n_blocks, sub_k_blocks, k_blocks, row0, col_block0, out_stride,
-                           BS: tl.constexpr, NB: tl.constexpr, NESTED: tl.constexpr):
-    # Program -> NB consecutive blocks of the sub-matrix (row-major over its blocks).
+                           BS: tl.constexpr, NB: tl.constexpr, NESTED: tl.constexpr, TILED: tl.constexpr,
+                           TILE_ORDER: tl.constexpr):
+    # Program -> NB consecutive blocks of the sub-matrix: row-major over its blocks, or with
+    # TILE_ORDER in the order tiles store them (16 rows of 128 // BS blocks each, tiles row-major),
+    # so that a program reads contiguous bytes of a tiled weight.
     b = tl.program_id(0) * NB + tl.arange(0, NB)
     valid = b < n_blocks
-    r = b // sub_k_blocks
-    c = b - r * sub_k_blocks
-    block = ((row0 + r) * k_blocks + col_block0 + c)[:, None]
+    if TILE_ORDER:
+        PER_ROW: tl.constexpr = 128 // BS
+        tile, within = b // (16 * PER_ROW), b % (16 * PER_ROW)
+        tiles_per_row = sub_k_blocks // PER_ROW
+        r = tile // tiles_per_row * 16 + within // PER_ROW
+        c = tile % tiles_per_row * PER_ROW + within % PER_ROW
+    else:
+        r = b // sub_k_blocks
+        c = b - r * sub_k_blocks
+    rows, cols = (row0 + r)[:, None], (col_block0 + c)[:, None]
     mask = valid[:, None]
-    scale = block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, block, mask, NESTED)
-    values = tl.reshape(nf4_codes(packed_ptr, code_ptr, block, mask, BS) * scale[:, :, None], (NB, BS))
+    scale = block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, rows * k_blocks + cols, mask, NESTED)
+    codes = nf4_codes(packed_ptr, code_ptr, rows, cols, k_blocks, mask, BS, 16, TILED)
+    values = tl.reshape(codes * scale[:, :, None], (NB, BS))
     dst = (r.to(tl.int64) * out_stride + c * BS)[:, None] + tl.arange(0, BS)[None, :]
     tl.store(out_ptr + dst, values.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -82,8 +93,13 @@ def dequantize(weight: NF4Weight, dtype: torch.dtype = torch.bfloat16, *, row_st
     sub_k_blocks = cols // bs
     n_blocks = rows * sub_k_blocks
     nb = dequant_blocks_per_program(bs)
+    # whole tiles of at most 64-byte blocks: walk them in storage order
+    per_row = 128 // bs
+    tile_order = (weight.tiled and bs <= 128 and row_start % 16 == 0 and rows % 16 == 0
+                  and (col_start // bs) % per_row == 0 and sub_k_blocks % per_row == 0)
     _dequant_blocks_kernel[(triton.cdiv(n_blocks, nb),)](
         weight.packed, weight.code, *weight.scale_args(), out,
         n_blocks, sub_k_blocks, weight.k_blocks, row_start, col_start // bs, out.stride(0),
-        BS=bs, NB=nb, NESTED=weight.nested, num_warps=DEQUANT_CONFIG["num_warps"], enable_fp_fusion=False)
+        BS=bs, NB=nb, NESTED=weight.nested, TILED=weight.tiled, TILE_ORDER=tile_order,
+        num_warps=DEQUANT_CONFIG["num_warps"], enable_fp_fusion=False)
     return out

@@ -89,13 +89,15 @@ def _bnb_state(layer):
 def _bnb_dequantize(layer, dtype: torch.dtype) -> torch.Tensor:
     from bitsandbytes.functional import dequantize_4bit
 
-    return dequantize_4bit(layer.weight, _bnb_state(layer)).to(dtype)
+    return dequantize_4bit(layer._row_major_weight(), _bnb_state(layer)).to(dtype)
 
 
 def _bnb_linear(x: torch.Tensor, layer) -> torch.Tensor:
     import bitsandbytes as bnb
 
-    return bnb.matmul_4bit(x, layer.weight, quant_state=_bnb_state(layer), bias=_bias(layer, x.dtype))
+    # A layer is tiled only where the Triton kernels run; here only when a caller picks this backend.
+    weight = layer._row_major_weight()
+    return bnb.matmul_4bit(x, weight, quant_state=_bnb_state(layer), bias=_bias(layer, x.dtype))
 
 
 def _bnb_grad_input(grad_out: torch.Tensor, layer) -> torch.Tensor:
@@ -125,7 +127,7 @@ def _kernel_weight(layer):
     asks for it three times per layer.
     """
     tensors = (layer.weight, layer.absmax, layer.quant_map, layer.nested_absmax, layer.nested_quant_map)
-    key = tuple(None if t is None else (t.data_ptr(), t.device) for t in tensors) + (layer.offset,)
+    key = tuple(None if t is None else (t.data_ptr(), t.device) for t in tensors) + (layer.offset, layer.tiled)
     cached = layer.__dict__.get("_nf4_kernel_weight")
     if cached is None or cached[0] != key:
         cached = (key, NF4Weight.from_state(layer.weight, layer.quant_state))
@@ -163,6 +165,12 @@ def backend_for(device: torch.device) -> Backend:
         if bitsandbytes_cuda_available():
             return BITSANDBYTES
     return TORCH
+
+
+def prefers_tiles(device: torch.device) -> bool:
+    """Whether NF4 weights on ``device`` are best held in tiles (``peftlab.quant.nf4.to_tiles``):
+    where the Triton kernels run, whose small-batch reads are measured faster from tiles."""
+    return device.type == "cuda" and backend_for(device) is TRITON
 
 
 def nf4_linear(x: torch.Tensor, layer) -> torch.Tensor:

@@ -19,7 +19,8 @@ from peftlab.quant.kernels.weights import NF4Weight
 def _matmul_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
                    bias_ptr, out_ptr, M, N, K, k_blocks, stride_xm, stride_om, steps_per_split,
                    BS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr,
-                   SPLIT_K: tl.constexpr, W_IS_A: tl.constexpr, HAS_BIAS: tl.constexpr, NESTED: tl.constexpr):
+                   SPLIT_K: tl.constexpr, W_IS_A: tl.constexpr, HAS_BIAS: tl.constexpr, NESTED: tl.constexpr,
+                   TILED: tl.constexpr):
     BK: tl.constexpr = NB * BS
     # Activation tiles vary fastest, so programs decoding the same weight tile run together.
     pid = tl.program_id(0)
@@ -38,7 +39,7 @@ def _matmul_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, n
     step1 = tl.minimum(step0 + steps_per_split, tl.cdiv(k_blocks, NB))
     for step in range(step0, step1):
         w = dequant_tile(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
-                         rows, row_mask, step * NB, k_blocks, NB, BS, NESTED).to(x_ptr.dtype.element_ty)
+                         rows, row_mask, step * NB, k_blocks, NB, BS, NESTED, TILED).to(x_ptr.dtype.element_ty)
         kk = step * BK + tl.arange(0, BK)
         x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + kk[None, :],
                     mask=m_mask[:, None] & (kk < K)[None, :], other=0.0)
@@ -63,7 +64,7 @@ def _matmul_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, n
 def _matmul_grad_input_kernel(g_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
                               out_ptr, M, N, K, k_blocks, stride_gm, stride_om, steps_per_split,
                               BS: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, NB: tl.constexpr,
-                              SPLIT_K: tl.constexpr, NESTED: tl.constexpr):
+                              SPLIT_K: tl.constexpr, NESTED: tl.constexpr, TILED: tl.constexpr):
     # Program -> a [BM, NB*BS] tile of dx; it walks the weight's rows (the reduction) BR at a time.
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BM)
@@ -78,7 +79,7 @@ def _matmul_grad_input_kernel(g_ptr, packed_ptr, code_ptr, absmax_ptr, nested_ab
         rows = step * BR + tl.arange(0, BR)
         row_mask = rows < N
         w = dequant_tile(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
-                         rows, row_mask, col_block0, k_blocks, NB, BS, NESTED).to(g_ptr.dtype.element_ty)
+                         rows, row_mask, col_block0, k_blocks, NB, BS, NESTED, TILED).to(g_ptr.dtype.element_ty)
         g = tl.load(g_ptr + offs_m[:, None].to(tl.int64) * stride_gm + rows[None, :],
                     mask=m_mask[:, None] & row_mask[None, :], other=0.0)
         acc = tl.dot(g, w, acc)
@@ -134,7 +135,7 @@ def matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, config
         x, weight.packed, weight.code, *weight.scale_args(), bias if bias is not None else x, target,
         m, n, k, weight.k_blocks, x.stride(0), out.stride(0), per_split,
         BS=weight.blocksize, BM=config["BM"], BN=config["BN"], NB=config["NB"], SPLIT_K=split_k,
-        W_IS_A=config["W_IS_A"], HAS_BIAS=bias is not None, NESTED=weight.nested,
+        W_IS_A=config["W_IS_A"], HAS_BIAS=bias is not None, NESTED=weight.nested, TILED=weight.tiled,
         num_warps=config["num_warps"], num_stages=config["num_stages"])
     return out if split_k == 1 else finish_split_k(target, bias, out, split_k)
 
@@ -154,5 +155,5 @@ def matmul_grad_input(grad: torch.Tensor, weight: NF4Weight, config: dict) -> to
         grad, weight.packed, weight.code, *weight.scale_args(), target,
         m, n, k, weight.k_blocks, grad.stride(0), out.stride(0), per_split,
         BS=weight.blocksize, BM=config["BM"], BR=config["BR"], NB=config["NB"], SPLIT_K=split_k,
-        NESTED=weight.nested, num_warps=config["num_warps"], num_stages=config["num_stages"])
+        NESTED=weight.nested, TILED=weight.tiled, num_warps=config["num_warps"], num_stages=config["num_stages"])
     return out if split_k == 1 else finish_split_k(target, None, out, split_k)

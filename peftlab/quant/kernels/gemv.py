@@ -35,7 +35,7 @@ from peftlab.quant.kernels.weights import NF4KernelError, NF4Weight
 def _gemv_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, bias_ptr,
                  out_ptr, M, N, k_blocks, stride_xm, stride_om,
                  BS: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr, VEC: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, NESTED: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, NESTED: tl.constexpr, TILED: tl.constexpr):
     # Activation rows vary fastest, so programs reading the same weight rows run together (L2 reuse).
     pid = tl.program_id(0)
     m = pid % M
@@ -48,7 +48,7 @@ def _gemv_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nes
         col_mask = (cols < k_blocks)[None, :]
         mask = row_mask[:, None] & col_mask
         block = rows[:, None] * k_blocks + cols[None, :]
-        codes = nf4_codes(packed_ptr, code_ptr, block, mask, BS, VEC)
+        codes = nf4_codes(packed_ptr, code_ptr, rows[:, None], cols[None, :], k_blocks, mask, BS, VEC, TILED)
         # Loaded as a [1, NB, BS] tile, x gets the weight tile's layout: each thread converts its
         # activations once and reuses them for its BN rows, with no exchange between threads.
         x = tl.load(x_row + (cols[:, None] * BS + tl.arange(0, BS)[None, :])[None, :, :],
@@ -74,18 +74,17 @@ def gemv(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, config: 
         x, weight.packed, weight.code, *weight.scale_args(), bias if bias is not None else x, out,
         m, weight.n, weight.k_blocks, x.stride(0), out.stride(0),
         BS=weight.blocksize, BN=bn, NB=config["NB"], VEC=config.get("VEC", 4), HAS_BIAS=bias is not None,
-        NESTED=weight.nested, num_warps=config["num_warps"])
+        NESTED=weight.nested, TILED=weight.tiled, num_warps=config["num_warps"])
     return out
 
 
 @triton.jit
 def _row_fetch(packed_ptr, absmax_ptr, nested_absmax_ptr, row, cols, k_blocks,
-               BS: tl.constexpr, VEC: tl.constexpr, NESTED: tl.constexpr):
+               BS: tl.constexpr, VEC: tl.constexpr, NESTED: tl.constexpr, TILED: tl.constexpr):
     """The loads for weight row ``row`` over the blocks ``cols``: packed bytes, scale loads."""
     mask = (cols < k_blocks)[None, :]
-    block = row * k_blocks + cols[None, :]
-    q, outer = scale_bytes(absmax_ptr, nested_absmax_ptr, block, mask, NESTED)
-    return nf4_bytes(packed_ptr, block, mask, BS, VEC), q, outer
+    q, outer = scale_bytes(absmax_ptr, nested_absmax_ptr, row * k_blocks + cols[None, :], mask, NESTED)
+    return nf4_bytes(packed_ptr, row, cols[None, :], k_blocks, mask, BS, VEC, TILED), q, outer
 
 
 @triton.jit
@@ -106,7 +105,7 @@ def _load_x(x_ptr, cols, k_blocks, BS: tl.constexpr):
 @triton.jit(do_not_specialize=["N", "k_blocks"])
 def _row_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, bias_ptr,
                 out_ptr, N, k_blocks, BS: tl.constexpr, CHUNK: tl.constexpr, VEC: tl.constexpr,
-                HAS_BIAS: tl.constexpr, NESTED: tl.constexpr):
+                HAS_BIAS: tl.constexpr, NESTED: tl.constexpr, TILED: tl.constexpr):
     # Grid axis 1 splits K into chunks of CHUNK blocks, so a long row still fits in registers;
     # each chunk writes its own fp32 partial row of ``out`` (summed afterwards) unless there is one.
     # The loads of a program's next row are issued before its current row is decoded, so two rows
@@ -118,12 +117,13 @@ def _row_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nest
     x = _load_x(x_ptr, cols, k_blocks, BS)
     target = out_ptr + chunk.to(tl.int64) * N
     row = tl.program_id(0)
-    packed, q, outer = _row_fetch(packed_ptr, absmax_ptr, nested_absmax_ptr, row, cols, k_blocks, BS, VEC, NESTED)
+    packed, q, outer = _row_fetch(packed_ptr, absmax_ptr, nested_absmax_ptr, row, cols, k_blocks, BS, VEC, NESTED,
+                                  TILED)
     for _ in range(row, N, step):
         # The last fetch of a program re-reads a valid row (clamped) rather than branching.
         ahead = tl.minimum(row + step, N - 1)
         packed_ahead, q_ahead, outer_ahead = _row_fetch(packed_ptr, absmax_ptr, nested_absmax_ptr, ahead, cols,
-                                                        k_blocks, BS, VEC, NESTED)
+                                                        k_blocks, BS, VEC, NESTED, TILED)
         y = _row_dot(code_ptr, nested_code_ptr, offset, packed, q, outer, cols, x, k_blocks, BS, NESTED)
         if HAS_BIAS:
             y += tl.load(bias_ptr + row).to(tl.float32)
@@ -152,5 +152,6 @@ def gemv_row(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, conf
     _row_kernel[(programs, split)](
         x, weight.packed, weight.code, *weight.scale_args(), bias if bias is not None else x, target,
         weight.n, weight.k_blocks, BS=weight.blocksize, CHUNK=chunk, VEC=config.get("VEC", 16),
-        HAS_BIAS=bias is not None and split == 1, NESTED=weight.nested, num_warps=config["num_warps"])
+        HAS_BIAS=bias is not None and split == 1, NESTED=weight.nested, TILED=weight.tiled,
+        num_warps=config["num_warps"])
     return out if split == 1 else finish_split_k(target, bias, out, split)

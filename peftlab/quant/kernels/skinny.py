@@ -383,9 +383,21 @@ def _activations(x_ptr, lower, upper, ok, ok_upper):
 
 
 @triton.jit
+def _word_offset(row, seg, word, row_words, TILED: tl.constexpr):
+    """Offset of int64 ``word`` (0-7) of segment ``seg`` of weight row ``row`` in the packed codes:
+    row-major, or with TILED in tile order (1 KB tiles of 16 rows x 8 words, row-major over the
+    weight). ``seg`` 0 with ``word`` up to the row's end also works row-major."""
+    if TILED:
+        offset = ((row // 16).to(tl.int64) * (row_words // 8) + seg) * 128 + (row % 16) * 8 + word
+    else:
+        offset = row.to(tl.int64) * row_words + seg * 8 + word
+    return offset
+
+
+@triton.jit
 def _fetch_weights(packed_ptr, absmax_ptr, nested_absmax_ptr, seg, scale_seg, seg_end, c, row, row_end, K, KB,
                    BS: tl.constexpr, NESTED: tl.constexpr, SHARED_SCALES: tl.constexpr, ROWS: tl.constexpr,
-                   MASKED: tl.constexpr, GROUPS: tl.constexpr, L2_HINT: tl.constexpr):
+                   MASKED: tl.constexpr, GROUPS: tl.constexpr, L2_HINT: tl.constexpr, TILED: tl.constexpr):
     """One segment's weight loads: the packed words of rows g and g + 8 (16 bytes each; of row g
     alone with 8 rows per program) and, unless the scales come from shared memory, the
     block-scale bytes of segment ``scale_seg`` (``seg``, or with ``SCALE_AHEAD`` the warp's next
@@ -401,36 +413,46 @@ def _fetch_weights(packed_ptr, absmax_ptr, nested_absmax_ptr, seg, scale_seg, se
     lower, upper = _lane_columns(seg, c, GROUPS)  # [R, 1]
     ok, ok_upper = (seg < seg_end) & (lower < K), (seg < seg_end) & (upper < K)
     HALVES: tl.constexpr = L2_HINT or GROUPS == 2
+    apart = 64 if TILED else 8 * row_words  # from a word of row g to the same word of row g + 8
+    if not MASKED:  # reads clamped to the row's last segment (tiled rows hold whole ones) or word
+        if TILED:
+            seg, first, second = tl.minimum(seg, row_words // 8 - 1), c, c + 4
+            pair = 2 * c
+        else:
+            first, second = tl.minimum(lower // 16, row_words - 1), tl.minimum(upper // 16, row_words - 1)
+            pair = tl.minimum(seg * 8 + 2 * c, row_words - 2)
+            seg = 0
     if GROUPS == 2:
         if MASKED:
-            word = row.to(tl.int64) * row_words + lower // 16
+            word = _word_offset(row, seg, c, row_words, TILED)
             wg = _halves(packed_ptr, word, word + 4, ok & (row < row_end), ok_upper & (row < row_end), L2_HINT)
             wh = _no_words(wg, HALVES)  # with 8 rows per program, rows g + 8 are the next program's
             if ROWS == 16:
-                wh = _halves(packed_ptr, word + 8 * row_words, word + 8 * row_words + 4, ok & (row + 8 < row_end),
+                wh = _halves(packed_ptr, word + apart, word + apart + 4, ok & (row + 8 < row_end),
                              ok_upper & (row + 8 < row_end), L2_HINT)
-        else:  # each half clamped to the row's last word
-            first, second = tl.minimum(lower // 16, row_words - 1), tl.minimum(upper // 16, row_words - 1)
-            word = tl.minimum(row, row_end - 1).to(tl.int64) * row_words
-            wg = _halves(packed_ptr, word + first, word + second, None, None, L2_HINT)
+        else:
+            rg = tl.minimum(row, row_end - 1)
+            wg = _halves(packed_ptr, _word_offset(rg, seg, first, row_words, TILED),
+                         _word_offset(rg, seg, second, row_words, TILED), None, None, L2_HINT)
             wh = _no_words(wg, HALVES)
             if ROWS == 16:
-                word = tl.minimum(row + 8, row_end - 1).to(tl.int64) * row_words
-                wh = _halves(packed_ptr, word + first, word + second, None, None, L2_HINT)
+                rh = tl.minimum(row + 8, row_end - 1)
+                wh = _halves(packed_ptr, _word_offset(rh, seg, first, row_words, TILED),
+                             _word_offset(rh, seg, second, row_words, TILED), None, None, L2_HINT)
     else:
         if MASKED:
-            word = row.to(tl.int64) * row_words + (seg * 8 + 2 * c)
+            word = _word_offset(row, seg, 2 * c, row_words, TILED)
             wg = _contiguous(packed_ptr, word, ok & (row < row_end), L2_HINT)
             wh = _no_words(wg, HALVES)  # with 8 rows per program, rows g + 8 are the next program's
             if ROWS == 16:
-                wh = _contiguous(packed_ptr, word + 8 * row_words, ok & (row + 8 < row_end), L2_HINT)
+                wh = _contiguous(packed_ptr, word + apart, ok & (row + 8 < row_end), L2_HINT)
         else:
-            col = tl.minimum(seg * 8 + 2 * c, row_words - 2)
-            wg = _contiguous(packed_ptr, tl.minimum(row, row_end - 1).to(tl.int64) * row_words + col, None, L2_HINT)
+            wg = _contiguous(packed_ptr, _word_offset(tl.minimum(row, row_end - 1), seg, pair, row_words, TILED),
+                             None, L2_HINT)
             wh = _no_words(wg, HALVES)
             if ROWS == 16:
-                wh = _contiguous(packed_ptr, tl.minimum(row + 8, row_end - 1).to(tl.int64) * row_words + col, None,
-                                 L2_HINT)
+                wh = _contiguous(packed_ptr, _word_offset(tl.minimum(row + 8, row_end - 1), seg, pair, row_words,
+                                                          TILED), None, L2_HINT)
     loads = wg + wh if HALVES else (wg, wh)
     if not SHARED_SCALES:
         loads = loads + _segment_scale_bytes(absmax_ptr, nested_absmax_ptr, scale_seg, seg_end, c, row, row_end, K,
@@ -525,7 +547,7 @@ def _segment(queue, acts, accs, slot: tl.constexpr, MASKED: tl.constexpr, seg, s
              BS: tl.constexpr, NW: tl.constexpr, TILES: tl.constexpr, NESTED: tl.constexpr, DEPTH: tl.constexpr,
              X_AHEAD: tl.constexpr, SHARED_SCALES: tl.constexpr, STEADY: tl.constexpr, ROWS: tl.constexpr,
              GROUPS: tl.constexpr, SEGMENT_ASM: tl.constexpr, CONSTRAINTS: tl.constexpr, L2_HINT: tl.constexpr,
-             SCALE_AHEAD: tl.constexpr):
+             SCALE_AHEAD: tl.constexpr, TILED: tl.constexpr):
     """One step of a warp's chain: segment ``seg`` from queue slot ``slot``, whose loads are then
     reissued DEPTH segments ahead. MASKED (any segment past the range or K): masked loads, the
     queue rotated, activations at use after a steady phase (its prefetches read past the range
@@ -554,7 +576,7 @@ def _segment(queue, acts, accs, slot: tl.constexpr, MASKED: tl.constexpr, seg, s
     # From HBM each warp's chain of segments is bound by load latency: DEPTH stay in flight.
     ahead = _fetch_weights(packed_ptr, absmax_ptr, nested_absmax_ptr, seg + DEPTH * NW,
                            seg + (DEPTH + SCALE_AHEAD) * NW, seg_end, c, row, row_end, K, KB, BS, NESTED, SHARED_SCALES,
-                           ROWS, MASKED, GROUPS, L2_HINT)
+                           ROWS, MASKED, GROUPS, L2_HINT, TILED)
     if MASKED:
         queue = queue[WORDS:] + ahead
     else:
@@ -589,7 +611,7 @@ def _skinny_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, n
                    DEPTH: tl.constexpr, X_AHEAD: tl.constexpr, SHARED_SCALES: tl.constexpr, SCALE_BLOCKS: tl.constexpr,
                    SCALE_DECL: tl.constexpr, SEGMENT_ASM: tl.constexpr, CONSTRAINTS: tl.constexpr,
                    ROWS: tl.constexpr, STEADY: tl.constexpr, GROUPS: tl.constexpr, L2_HINT: tl.constexpr,
-                   UNROLL: tl.constexpr, SCALE_AHEAD: tl.constexpr):
+                   UNROLL: tl.constexpr, SCALE_AHEAD: tl.constexpr, TILED: tl.constexpr):
     # x_ptr and packed_ptr are int64 views (4 activations, 16 codes). A thread's tensors are
     # [NW * 32, 2], row r on lane r % 32 of warp r // 32 (the layout the PTX relies on), a pair per
     # thread: element e of the scales is weight row g + 8e's, of an accumulator activation row 2c + e.
@@ -608,11 +630,11 @@ def _skinny_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, n
     # With SCALE_AHEAD each queued segment carries the scale bytes of the warp's segment after it.
     seg = seg0 + warp
     queue = _fetch_weights(packed_ptr, absmax_ptr, nested_absmax_ptr, seg, seg + SCALE_AHEAD * NW, seg_end, c, row,
-                           row_end, K, KB, BS, NESTED, SHARED_SCALES, ROWS, True, GROUPS, L2_HINT)
+                           row_end, K, KB, BS, NESTED, SHARED_SCALES, ROWS, True, GROUPS, L2_HINT, TILED)
     for j in tl.static_range(1, DEPTH):
         queue = queue + _fetch_weights(packed_ptr, absmax_ptr, nested_absmax_ptr, seg + j * NW,
                                        seg + (j + SCALE_AHEAD) * NW, seg_end, c, row, row_end, K, KB, BS, NESTED,
-                                       SHARED_SCALES, ROWS, True, GROUPS, L2_HINT)
+                                       SHARED_SCALES, ROWS, True, GROUPS, L2_HINT, TILED)
     acts = zero  # unused without X_AHEAD
     if X_AHEAD:
         acts = _fetch_activations(x_ptr, seg, seg_end, c, row, M, K, KB, BS, TILES, True, GROUPS)
@@ -647,7 +669,7 @@ def _skinny_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, n
                     queue, acts, accs, slot, False, seg, seg_end, c, r, row, row_end, M, K, KB, x_ptr, packed_ptr,
                     absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, planes, scales, blk0, zero, BS, NW, TILES,
                     NESTED, DEPTH, X_AHEAD, SHARED_SCALES, STEADY, ROWS, GROUPS, SEGMENT_ASM, CONSTRAINTS, L2_HINT,
-                    SCALE_AHEAD)
+                    SCALE_AHEAD, TILED)
                 seg += NW
     # The masked steps, UNROLL per iteration: with 2, the queue's two register sets take turns
     # instead of the next segment's loads being moved into place at every step.
@@ -657,13 +679,13 @@ def _skinny_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, n
             queue, acts, accs, scales = _segment(
                 queue, acts, accs, 0, True, seg, seg_end, c, r, row, row_end, M, K, KB, x_ptr, packed_ptr, absmax_ptr,
                 nested_absmax_ptr, nested_code_ptr, offset, planes, scales, blk0, zero, BS, NW, TILES, NESTED, DEPTH,
-                X_AHEAD, SHARED_SCALES, STEADY, ROWS, GROUPS, SEGMENT_ASM, CONSTRAINTS, L2_HINT, SCALE_AHEAD)
+                X_AHEAD, SHARED_SCALES, STEADY, ROWS, GROUPS, SEGMENT_ASM, CONSTRAINTS, L2_HINT, SCALE_AHEAD, TILED)
             seg += NW
     for _ in range(masked % UNROLL):
         queue, acts, accs, scales = _segment(
             queue, acts, accs, 0, True, seg, seg_end, c, r, row, row_end, M, K, KB, x_ptr, packed_ptr, absmax_ptr,
             nested_absmax_ptr, nested_code_ptr, offset, planes, scales, blk0, zero, BS, NW, TILES, NESTED, DEPTH,
-            X_AHEAD, SHARED_SCALES, STEADY, ROWS, GROUPS, SEGMENT_ASM, CONSTRAINTS, L2_HINT, SCALE_AHEAD)
+            X_AHEAD, SHARED_SCALES, STEADY, ROWS, GROUPS, SEGMENT_ASM, CONSTRAINTS, L2_HINT, SCALE_AHEAD, TILED)
         seg += NW
     acc_g0, acc_h0, acc_g1, acc_h1 = accs
     # Lane (g, c) of an accumulator holds weight row g (or g + 8), activation rows 2c + e (+ 8).
@@ -750,6 +772,6 @@ def matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, config
         SEGMENT_ASM=segment_asm("f16" if x.dtype == torch.float16 else "bf16", tiles, table, shared, rows, groups),
         CONSTRAINTS=segment_constraints(tiles, shared, groups), ROWS=rows, STEADY=config.get("STEADY", False),
         GROUPS=groups, L2_HINT=config.get("L2_HINT", False), UNROLL=config.get("UNROLL", 1),
-        SCALE_AHEAD=bool(config.get("SCALE_AHEAD", False)) and not shared,
+        SCALE_AHEAD=bool(config.get("SCALE_AHEAD", False)) and not shared, TILED=weight.tiled,
         num_warps=config["num_warps"], **cap)
     return out if split == 1 else finish_split_k(target, bias, out, split)

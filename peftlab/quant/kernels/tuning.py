@@ -20,7 +20,10 @@ with the L2 prefetch-size hint against the plan, the same way) and ``kernels-occ
 (more warps per program and register caps against the plan, the same way) and
 ``kernels-unroll-h100.json`` (the masked loop unrolled by two against the plan, two runs of 5
 alternating rounds from HBM) and ``kernels-scale-ahead-h100.json`` (block scales decoded a step
-ahead against the plan, the same way) for the rows that name them. Kinds: ``gemv1`` (persistent
+ahead against the plan, the same way) and ``kernels-tiled-h100.json`` (the weight's bytes in tiles,
+as an ``NF4Linear`` holds them on the GPU: the plans against row-major bytes and every distinct
+skinny plan against each other, the same way) for the rows that name them. The measured shapes
+all fit in tiles, so their ``mma`` rows are measured on tiled weights. Kinds: ``gemv1`` (persistent
 one-row GEMV), ``gemv`` (CUDA-core GEMV), ``mma`` (``skinny``: up to 16 rows, the weight decoded in
 registers, or with ``TABLE`` through a shared pair table, for tensor-core ``mma.sync``; ``DEPTH``
 segments fetched ahead, activations at use unless ``X_AHEAD``, block scales from a per-program
@@ -54,12 +57,12 @@ DEQUANT_CONFIG = {"elems_per_program": 2048, "num_warps": 4, "flat_block": 1024}
 
 FORWARD = {
     (4096, 4096): {
-        1: ('mma', _mma(8, 1, table=True, rows=8, hint=True, unroll=2)),  # 8.4 us vs 8.7 (kernels-unroll, 2 runs)
-        2: ('mma', _mma(8, 1, table=True, rows=8, hint=True, unroll=2)),  # 8.6 us vs 8.8-8.9 (kernels-unroll)
+        1: ('mma', _mma(4, 1, table=True, depth=2, x_ahead=False, rows=8, late=True)),  # 8.1 us vs 8.4 (kernels-tiled, 2 runs)
+        2: ('mma', _mma(4, 1, table=True, depth=2, x_ahead=False, rows=8, late=True)),  # 8.1-8.2 us vs 8.5-8.6 (kernels-tiled, 2 runs)
         4: ('mma', _mma(4, 1, table=True, depth=2, x_ahead=False, rows=8, late=True)),  # 8.4-8.6 us vs 9.0-9.1 (kernels-late-scale)
-        8: ('mma', _mma(4, 1, late=True, hint=True)),  # 10.2 us vs 10.4 (kernels-l2-hint, confirmation_after_halves)
+        8: ('mma', _mma(4, 1, table=True, depth=2, x_ahead=False, rows=8, late=True)),  # 8.8-9.0 us vs 9.6-10.0 (kernels-tiled, 2 runs)
         12: ('mma', _mma(4, 1)),  # 11.6 us vs 14.0 fused
-        16: ('mma', _mma(4, 1, depth=3, steady=True, hint=True, unroll=2)),  # 10.9-11.0 us vs 11.1-11.2 (kernels-unroll, 2 runs)
+        16: ('mma', _mma(4, 1, depth=2, steady=True, hint=True, unroll=2)),  # 10.8 us vs 11.0 (kernels-tiled, m16_variants, 2 runs)
         64: ('fused', {'BM': 64, 'BN': 128, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 20.6 us
         256: ('chunked', None),  # 33.9 us
         1024: ('chunked', None),  # 60.5 us
@@ -67,12 +70,13 @@ FORWARD = {
     },
     (4096, 11008): {
         # scales decoded a step ahead in place of the shared scale table, two segments in flight (with the table: 21.8 us)
+        # in tiles 13.9-14.0 us against 14.6-14.9 row-major (kernels-tiled, 3 runs)
         1: ('mma', _mma(8, 1, table=True, depth=2, hint=True, unroll=2, scale_ahead=True)),  # 14.5 us vs 14.7-14.8 (kernels-scale-ahead, 2 runs)
-        2: ('mma', _mma(8, 1, table=True, shared_scales=True, hint=True, unroll=2)),  # 15.3 us vs 15.9 (kernels-unroll)
-        4: ('mma', _mma(8, 1, table=True, shared_scales=True, hint=True, unroll=2)),  # 15.8 us vs 16.3 (kernels-unroll)
+        2: ('mma', _mma(8, 1, table=True, depth=2, hint=True, unroll=2, scale_ahead=True)),  # 14.1-14.2 us vs 14.5 (kernels-tiled, 2 runs)
+        4: ('mma', _mma(8, 1, table=True, shared_scales=True, hint=True, unroll=2)),  # 14.8 us in tiles (kernels-tiled)
         8: ('mma', _mma(8, 1, table=True, depth=2, late=True, hint=True)),  # 17.7 us vs 18.0 (kernels-l2-hint)
         12: ('mma', _mma(8, 1)),  # 21.9 us vs 30.1 fused
-        16: ('mma', _mma(8, 1, hint=True)),  # 23.1-23.4 us vs 23.4-23.6 (kernels-l2-hint, 2 runs)
+        16: ('mma', _mma(4, 1, depth=3, steady=True, hint=True, unroll=2)),  # 22.4-22.6 us vs 25.6-25.8 (kernels-tiled, 2 runs)
         64: ('fused', {'BM': 64, 'BN': 128, 'BK': 128, 'SPLIT_K': 4, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 44.6 us
         256: ('chunked', None),  # 93.0 us
         1024: ('chunked', None),  # 159.5 us
@@ -82,10 +86,11 @@ FORWARD = {
         # 4 warps, each walking half the segments one of 2 warps did; 72 registers keep 6 programs per SM,
         # so all 688 run in one wave
         # scales decoded a step ahead and activations at use (with activations ahead: 15.4 us)
+        # in tiles 13.6-13.8 us against 14.3-14.4 row-major (kernels-tiled, 3 runs)
         1: ('mma', _mma(4, 1, table=True, x_ahead=False, hint=True, maxnreg=72, scale_ahead=True)),  # 14.4-14.6 us vs 14.6-14.7 (kernels-scale-ahead, 2 runs)
         2: ('mma', _mma(4, 1, table=True, hint=True, maxnreg=72)),  # 14.8-15.0 us vs 15.8-15.9 (kernels-occupancy, 2 runs)
         4: ('mma', _mma(4, 1, table=True, hint=True, maxnreg=72)),  # 16.3-16.5 us vs 16.6-16.7 (kernels-occupancy, 2 runs)
-        8: ('mma', _mma(4, 1, hint=True, unroll=2, scale_ahead=True)),  # 19.6-19.9 us vs 20.0-20.3 (kernels-scale-ahead, 2 runs)
+        8: ('mma', _mma(4, 1, table=True, shared_scales=True, hint=True, unroll=2)),  # 18.9 us vs 19.6 (kernels-tiled, 2 runs)
         12: ('mma', _mma(2, 1)),  # 22.6 us vs 31.5 fused
         16: ('mma', _mma(2, 1, depth=2, shared_scales=True, steady=True, hint=True)),  # 22.1-22.4 us vs 22.2-22.6 (kernels-l2-hint, 2 runs)
         64: ('fused', {'BM': 64, 'BN': 64, 'BK': 128, 'SPLIT_K': 2, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 45.7 us
@@ -95,7 +100,7 @@ FORWARD = {
     },
     (14336, 4096): {
         1: ('mma', _mma(4, 1, table=True, depth=2, x_ahead=False, hint=True, unroll=2)),  # 19.7 us vs 20.0 (kernels-unroll)
-        2: ('mma', _mma(4, 1, table=True, depth=2, x_ahead=False, hint=True, unroll=2)),  # 20.0 us vs 20.3-20.4 (kernels-unroll)
+        2: ('mma', _mma(4, 1, table=True, shared_scales=True, hint=True, unroll=2)),  # 19.1-19.3 us vs 19.6-19.7 (kernels-tiled, 2 runs)
         4: ('mma', _mma(4, 1, table=True, shared_scales=True, hint=True, unroll=2)),  # 21.2 us vs 21.6 (kernels-unroll)
         8: ('mma', _mma(4, 1, table=True, shared_scales=True, unroll=2)),  # 23.0 us vs 23.3 (kernels-unroll)
         12: ('mma', _mma(4, 1)),  # 26.8 us vs 36.8 fused

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from peftlab.errors import PeftlabError
+from peftlab.quant.nf4 import tiles_fit
 
 NESTED_BLOCKSIZE = 256  # the double-quantization blocksize fixed by the bitsandbytes format
 
@@ -20,8 +21,9 @@ class NF4Weight:
     """Device tensors and sizes of a packed NF4 weight of logical shape ``[n, k]``.
 
     ``packed`` holds two codes per byte of the flattened row-major weight (element ``2j``
-    in the high nibble); ``absmax`` has one entry per ``blocksize`` elements, fp32, or uint8
-    indices into ``nested_code`` scaled by ``nested_absmax`` plus ``offset`` when nested.
+    in the high nibble), or with ``tiled`` the same bytes in the tile order of
+    ``peftlab.quant.nf4.to_tiles``; ``absmax`` has one entry per ``blocksize`` elements, fp32, or
+    uint8 indices into ``nested_code`` scaled by ``nested_absmax`` plus ``offset`` when nested.
     """
 
     packed: torch.Tensor
@@ -33,6 +35,7 @@ class NF4Weight:
     blocksize: int
     n: int
     k: int
+    tiled: bool = False
 
     @property
     def nested(self) -> bool:
@@ -65,7 +68,8 @@ class NF4Weight:
         """Builds the view from a packed tensor and a ``QuantState``-like object.
 
         ``state`` needs ``shape``, ``blocksize``, ``absmax``, ``code`` and, when double-quantized,
-        ``nested_absmax``, ``nested_code`` and ``offset`` (peftlab's ``QuantState``).
+        ``nested_absmax``, ``nested_code`` and ``offset`` (peftlab's ``QuantState``); ``tiled``
+        (absent: False) says the bytes are in tile order.
         """
         shape = tuple(state.shape)
         if len(shape) != 2:
@@ -111,9 +115,13 @@ class NF4Weight:
             nested_absmax = nested_code = None
         else:
             raise NF4KernelError(f"quant_state.absmax must be float32 or uint8 (nested), got {absmax.dtype}.")
+        tiled = bool(getattr(state, "tiled", False))
+        if tiled and not tiles_fit((n, k), blocksize):
+            raise NF4KernelError(f"a tiled NF4 weight needs rows in multiples of 16 and columns in multiples of "
+                                 f"128 and of the blocksize, got shape {list(shape)} and blocksize {blocksize}.")
         if code.data_ptr() % 64:
             code = code.clone()  # the kernels' codebook lookups need a 64-byte aligned table
         tensors = [packed, absmax, code] + ([nested_absmax, nested_code] if nested_absmax is not None else [])
         if any(t.device != packed.device for t in tensors):
             raise NF4KernelError("NF4 weight tensors (packed, absmax, code, nested_*) must be on one device.")
-        return cls(packed, absmax, code, nested_absmax, nested_code, offset, blocksize, n, k)
+        return cls(packed, absmax, code, nested_absmax, nested_code, offset, blocksize, n, k, tiled)
