@@ -70,8 +70,9 @@ FORWARD = {
     },
     (4096, 11008): {
         # scales decoded a step ahead in place of the shared scale table, two segments in flight (with the table: 21.8 us)
-        # in tiles 13.9-14.0 us against 14.6-14.9 row-major (kernels-tiled, 3 runs)
-        1: ('mma', _mma(8, 1, table=True, depth=2, hint=True, unroll=2, scale_ahead=True)),  # 14.5 us vs 14.7-14.8 (kernels-scale-ahead, 2 runs)
+        # in tiles 13.9-14.0 us against 14.6-14.9 row-major (kernels-tiled, 3 runs); in tiles the L2 hint no longer
+        # pays: 13.84-13.96 us without it against 13.86-14.04 with it (kernels-tiled, 2 runs of 2 passes)
+        1: ('mma', _mma(8, 1, table=True, depth=2, unroll=2, scale_ahead=True)),
         2: ('mma', _mma(8, 1, table=True, depth=2, hint=True, unroll=2, scale_ahead=True)),  # 14.1-14.2 us vs 14.5 (kernels-tiled, 2 runs)
         4: ('mma', _mma(8, 1, table=True, shared_scales=True, hint=True, unroll=2)),  # 14.8 us in tiles (kernels-tiled)
         8: ('mma', _mma(8, 1, table=True, depth=2, late=True, hint=True)),  # 17.7 us vs 18.0 (kernels-l2-hint)
@@ -86,8 +87,9 @@ FORWARD = {
         # 4 warps, each walking half the segments one of 2 warps did; 72 registers keep 6 programs per SM,
         # so all 688 run in one wave
         # scales decoded a step ahead and activations at use (with activations ahead: 15.4 us)
-        # in tiles 13.6-13.8 us against 14.3-14.4 row-major (kernels-tiled, 3 runs)
-        1: ('mma', _mma(4, 1, table=True, x_ahead=False, hint=True, maxnreg=72, scale_ahead=True)),  # 14.4-14.6 us vs 14.6-14.7 (kernels-scale-ahead, 2 runs)
+        # in tiles 13.6-13.8 us against 14.3-14.4 row-major (kernels-tiled, 3 runs); in tiles the L2 hint no longer
+        # pays: 13.65-13.75 us without it against 13.71-13.82 with it (kernels-tiled, 2 runs of 2 passes)
+        1: ('mma', _mma(4, 1, table=True, x_ahead=False, maxnreg=72, scale_ahead=True)),
         2: ('mma', _mma(4, 1, table=True, hint=True, maxnreg=72)),  # 14.8-15.0 us vs 15.8-15.9 (kernels-occupancy, 2 runs)
         4: ('mma', _mma(4, 1, table=True, hint=True, maxnreg=72)),  # 16.3-16.5 us vs 16.6-16.7 (kernels-occupancy, 2 runs)
         8: ('mma', _mma(4, 1, table=True, shared_scales=True, hint=True, unroll=2)),  # 18.9 us vs 19.6 (kernels-tiled, 2 runs)
