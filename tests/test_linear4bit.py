@@ -294,6 +294,11 @@ def test_tiled_layer_computes_the_same_and_saves_row_major():
     sd = layer.state_dict()
     assert all(torch.equal(sd[k], ref_sd[k]) for k in ref_sd)
     assert torch.equal(_bnb_layer(lin).state_dict()["weight"], sd["weight"])
+    assert torch.equal(layer.row_major_weight(), ref_sd["weight"])
+    # bitsandbytes reads row-major bytes only: its backend is handed them
+    x2 = x.detach()
+    assert torch.equal(dispatch.BITSANDBYTES.dequantize(layer, torch.float32), ref_w)
+    assert torch.allclose(dispatch.BITSANDBYTES.linear(x2, layer), ref_y.detach(), rtol=1e-5, atol=1e-5)
     fresh = NF4Linear(256, 48)
     fresh.load_state_dict(sd)
     assert not fresh.tiled and torch.equal(fresh.weight, ref_sd["weight"])

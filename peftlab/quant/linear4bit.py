@@ -222,7 +222,7 @@ class NF4Linear(nn.Module):
             self.weight.data = reorder(self.weight.data, (self.out_features, self.in_features)).unsqueeze(1)
             self.tiled = tiled
 
-    def _row_major_weight(self) -> torch.Tensor:
+    def row_major_weight(self) -> torch.Tensor:
         """The packed Parameter's bytes in bitsandbytes' row-major order (a copy when tiled)."""
         if not self.tiled:
             return self.weight
@@ -353,7 +353,7 @@ class NF4Linear(nn.Module):
         def out(t):
             return t if keep_vars else t.detach()
 
-        destination[prefix + "weight"] = out(self._row_major_weight())
+        destination[prefix + "weight"] = out(self.row_major_weight())
         if self.bias is not None:
             destination[prefix + "bias"] = out(self.bias)
         for key in _QUANT_KEYS:

@@ -89,14 +89,14 @@ def _bnb_state(layer):
 def _bnb_dequantize(layer, dtype: torch.dtype) -> torch.Tensor:
     from bitsandbytes.functional import dequantize_4bit
 
-    return dequantize_4bit(layer._row_major_weight(), _bnb_state(layer)).to(dtype)
+    return dequantize_4bit(layer.row_major_weight(), _bnb_state(layer)).to(dtype)
 
 
 def _bnb_linear(x: torch.Tensor, layer) -> torch.Tensor:
     import bitsandbytes as bnb
 
     # A layer is tiled only where the Triton kernels run; here only when a caller picks this backend.
-    weight = layer._row_major_weight()
+    weight = layer.row_major_weight()
     return bnb.matmul_4bit(x, weight, quant_state=_bnb_state(layer), bias=_bias(layer, x.dtype))
 
 
