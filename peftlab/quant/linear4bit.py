@@ -195,9 +195,8 @@ class NF4Linear(nn.Module):
         if state.nested_blocksize != nf4.NESTED_BLOCKSIZE:
             raise NF4FormatError(f"{self._label()}: nested blocksize {state.nested_blocksize} is not supported "
                                  f"(only {nf4.NESTED_BLOCKSIZE}).")
-        if state.tiled and not nf4.tiles_fit(expected, state.blocksize):
-            raise NF4FormatError(f"{self._label()}: the quant state says the bytes are tiled, but shape "
-                                 f"{list(expected)} with blocksize {state.blocksize} cannot be.")
+        if state.tiled:
+            nf4.require_tiles_fit(expected, state.blocksize, f"{self._label()}: the quant state says the bytes are tiled")
         self.weight = nn.Parameter(packed.unsqueeze(1), requires_grad=False)
         self.tiled = state.tiled
         self.blocksize = state.blocksize

@@ -39,6 +39,7 @@ __all__ = [
     "TILE_ROWS",
     "TILE_COLS",
     "tiles_fit",
+    "require_tiles_fit",
     "to_tiles",
     "from_tiles",
     "in_tiles",
@@ -259,11 +260,15 @@ def decode_absmax(state: QuantState) -> torch.Tensor:
     return state.nested_code.index_select(0, state.absmax.int()) * scales + state.offset
 
 
+def _packed_bytes(packed: torch.Tensor) -> torch.Tensor:
+    """``packed`` as a flat uint8 tensor (other storage dtypes reinterpret the same bytes)."""
+    flat = packed.reshape(-1)
+    return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
+
+
 def unpack_codes(packed: torch.Tensor, numel: int) -> torch.Tensor:
     """The 4-bit codes (uint8, one per element, length ``numel``) from packed bytes."""
-    flat = packed.reshape(-1)
-    if flat.dtype != torch.uint8:  # other storage dtypes reinterpret the same bytes
-        flat = flat.view(torch.uint8)
+    flat = _packed_bytes(packed)
     return torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)[:numel]
 
 
@@ -289,7 +294,7 @@ def dequantize_nf4(packed: torch.Tensor, state: QuantState, dtype: torch.dtype |
     code = state.code.float()
     byte = torch.arange(256, device=code.device)
     pairs = torch.stack([code[byte >> 4], code[byte & 0xF]], dim=1)
-    flat = packed.reshape(-1) if packed.dtype == torch.uint8 else packed.reshape(-1).view(torch.uint8)
+    flat = _packed_bytes(packed)
     values = pairs.index_select(0, flat.int()).reshape(-1)[:numel]  # (advanced indexing is far slower)
     pad = n_blocks * state.blocksize - numel
     if pad:
@@ -311,6 +316,14 @@ def tiles_fit(shape: tuple[int, ...], blocksize: int) -> bool:
     return rows % TILE_ROWS == 0 and cols % TILE_COLS == 0 and cols % blocksize == 0
 
 
+def require_tiles_fit(shape: tuple[int, ...], blocksize: int, where: str) -> None:
+    """Raises :class:`NF4FormatError`, naming ``where``, unless :func:`tiles_fit` holds."""
+    if not tiles_fit(shape, blocksize):
+        raise NF4FormatError(f"{where}: a weight of shape {list(shape)} and blocksize {blocksize} cannot be held in "
+                             f"tiles; rows must be a multiple of {TILE_ROWS} and columns of {TILE_COLS} and of the "
+                             f"blocksize.")
+
+
 def _tile_view(shape: tuple[int, ...]) -> tuple[int, int, int, int]:
     rows, cols = (int(d) for d in shape)
     return rows // TILE_ROWS, TILE_ROWS, cols // TILE_COLS, TILE_COLS // 2
@@ -322,13 +335,13 @@ def to_tiles(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     Byte ``j`` of row ``r`` moves to tile ``(r // 16, j // 64)`` (tiles row-major over the weight),
     row ``r % 16`` of it, byte ``j % 64``; needs :func:`tiles_fit`.
     """
-    flat = packed.reshape(-1) if packed.dtype == torch.uint8 else packed.reshape(-1).view(torch.uint8)
+    flat = _packed_bytes(packed)
     return flat.view(_tile_view(shape)).permute(0, 2, 1, 3).contiguous().view(-1)
 
 
 def from_tiles(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """The inverse of :func:`to_tiles`: tile-ordered bytes -> a new flat row-major uint8 tensor."""
-    flat = packed.reshape(-1) if packed.dtype == torch.uint8 else packed.reshape(-1).view(torch.uint8)
+    flat = _packed_bytes(packed)
     groups, rows, tiles, width = _tile_view(shape)
     return flat.view(groups, tiles, rows, width).permute(0, 2, 1, 3).contiguous().view(-1)
 
@@ -337,8 +350,5 @@ def in_tiles(packed: torch.Tensor, state: QuantState) -> tuple[torch.Tensor, Qua
     """The same weight with its bytes in tile order and a state that says so (needs :func:`tiles_fit`)."""
     if state.tiled:
         return packed, state
-    if not tiles_fit(tuple(state.shape), state.blocksize):
-        raise NF4FormatError(f"a weight of shape {list(state.shape)} and blocksize {state.blocksize} cannot be held "
-                             f"in tiles: rows must be a multiple of {TILE_ROWS} and columns of {TILE_COLS} and of "
-                             f"the blocksize.")
+    require_tiles_fit(tuple(state.shape), state.blocksize, "in_tiles")
     return to_tiles(packed, tuple(state.shape)), replace(state, tiled=True)

@@ -34,7 +34,9 @@ block instead of 8-16 ``bf16x2`` multiplies, and the products are no longer roun
 ``64 + 16c ..``) rather than 16 contiguous, so that the four lanes of every k-step share a block.
 With ``L2_HINT`` the packed codes are loaded by inline PTX with the ``L2::256B`` prefetch-size
 qualifier: a miss brings the next 256 bytes of the row into L2 (four segments), so the following
-segments of a row wait on L2 rather than HBM. With ``UNROLL=2`` the masked loop takes two steps
+segments of a row wait on L2 rather than HBM. Weights held in tiles (``NF4Weight.tiled``, see
+``peftlab.quant.nf4.to_tiles``) are read the same way, only from other addresses: a warp's 16 rows
+of a segment are then 1 KB of contiguous memory (``_word_offset``). With ``UNROLL=2`` the masked loop takes two steps
 per iteration, so the loads queued for the next segment land in the registers the step before
 last used, instead of being moved into the queue's registers at every step (at one segment in
 flight, 20 register moves per segment, the first waiting on the load). The tables take it where
