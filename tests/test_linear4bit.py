@@ -313,6 +313,11 @@ def test_untileable_shapes_and_tiled_states_are_checked():
     state.tiled = True
     with pytest.raises(NF4FormatError, match="tiled"):
         layer.set_quantized(layer.weight.detach().clone(), state)
+    # the kernels' weight view checks the same, in its own error type
+    from peftlab.quant.kernels.weights import NF4KernelError, NF4Weight
+
+    with pytest.raises(NF4KernelError, match="tiles"):
+        NF4Weight.from_state(layer.weight.detach(), state)
 
 
 # ----------------------------------------------------------------------------- GPU

@@ -316,10 +316,11 @@ def tiles_fit(shape: tuple[int, ...], blocksize: int) -> bool:
     return rows % TILE_ROWS == 0 and cols % TILE_COLS == 0 and cols % blocksize == 0
 
 
-def require_tiles_fit(shape: tuple[int, ...], blocksize: int, where: str) -> None:
-    """Raises :class:`NF4FormatError`, naming ``where``, unless :func:`tiles_fit` holds."""
+def require_tiles_fit(shape: tuple[int, ...], blocksize: int, where: str,
+                      error: type[Exception] = NF4FormatError) -> None:
+    """Raises ``error``, naming ``where``, unless :func:`tiles_fit` holds."""
     if not tiles_fit(shape, blocksize):
-        raise NF4FormatError(f"{where}: a weight of shape {list(shape)} and blocksize {blocksize} cannot be held in "
+        raise error(f"{where}: a weight of shape {list(shape)} and blocksize {blocksize} cannot be held in "
                              f"tiles; rows must be a multiple of {TILE_ROWS} and columns of {TILE_COLS} and of the "
                              f"blocksize.")
 

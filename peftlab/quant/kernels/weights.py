@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from peftlab.errors import PeftlabError
-from peftlab.quant.nf4 import tiles_fit
+from peftlab.quant.nf4 import require_tiles_fit
 
 NESTED_BLOCKSIZE = 256  # the double-quantization blocksize fixed by the bitsandbytes format
 
@@ -116,9 +116,8 @@ class NF4Weight:
         else:
             raise NF4KernelError(f"quant_state.absmax must be float32 or uint8 (nested), got {absmax.dtype}.")
         tiled = bool(getattr(state, "tiled", False))
-        if tiled and not tiles_fit((n, k), blocksize):
-            raise NF4KernelError(f"a tiled NF4 weight needs rows in multiples of 16 and columns in multiples of "
-                                 f"128 and of the blocksize, got shape {list(shape)} and blocksize {blocksize}.")
+        if tiled:
+            require_tiles_fit((n, k), blocksize, "quant_state.tiled says the NF4 bytes are in tiles", NF4KernelError)
         if code.data_ptr() % 64:
             code = code.clone()  # the kernels' codebook lookups need a 64-byte aligned table
         tensors = [packed, absmax, code] + ([nested_absmax, nested_code] if nested_absmax is not None else [])
