@@ -6,13 +6,16 @@
                                             # no GPU: merge per-shape runs, print the table and tuning tables
 
 Timing: each measurement captures a CUDA graph of many calls and times its replays with CUDA
-events (median of several replays / calls per replay), so Python and launch overheads drop out.
-Calls rotate over several independent copies of the weight (and activations) whose total size
-is at least 4x the L2 cache, so even M=1 reads its weight from HBM as a real decode step would.
-All variants of one shape and M (cuBLAS, bitsandbytes, peftlab, sweep candidates) are timed in
-the same alternating rounds and reported as medians over them, with each round's ratio to cuBLAS
-alongside: the GPU's clocks drift with power and temperature, and only measurements taken side
-by side compare fairly.
+events, so Python and launch overheads drop out. A measurement is a steady window: the graph is
+replayed back to back for ``--warm-ms`` untimed, then for ``--window-ms`` timed, with no host sync
+in between (``--window-ms 0``: the median of 3 separately synced replays, the method of earlier
+result files). Calls rotate over several independent copies of the weight (and activations) whose
+total size is at least 4x the L2 cache, so even M=1 reads its weight from HBM as a real decode step
+would. All variants of one shape and M (cuBLAS, bitsandbytes, peftlab, sweep candidates) are timed
+in the same alternating rounds and reported as medians over them, with each round's ratio to cuBLAS
+alongside: the GPU's clocks drift with power and temperature, and only measurements taken side by
+side compare fairly. cuBLAS and peftlab are each timed twice per round, as separate graphs
+(``*_repeat``): the two ratios show how far one config's measurements land apart in the run.
 """
 from __future__ import annotations
 
@@ -103,22 +106,46 @@ def _replay_ms(run_once, reps: int, replays: int) -> float:
     return statistics.median(times)
 
 
+def _window_ms(run_once, reps: int, warm_ms: float, window_ms: float) -> float:
+    """ms per call over a steady window: replays back to back for ``warm_ms`` untimed, then for
+    ``window_ms`` timed. No host sync between them, so the GPU never idles inside the window: short
+    synced replays ran the latency-bound M=1 plan 4-9 % slower and their ratios moved more
+    (results/kernels-steady-windows-h100.json)."""
+    per_replay = _replay_ms(run_once, reps, 1) * reps  # sizes the windows
+    for _ in range(math.ceil(warm_ms / per_replay)):
+        run_once()
+    timed = max(3, math.ceil(window_ms / per_replay))
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(timed):
+        run_once()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / (timed * reps)
+
+
 def time_calls(calls: list, target_ms: float = 4.0, replays: int = 7) -> float:
     """Median ms per call of ``calls`` (run round-robin) from CUDA-graph replays."""
     return _replay_ms(*graph_replayer(calls, target_ms), replays)
 
 
-def time_rounds(variants: dict[str, list], rounds: int, replays: int = 3) -> dict[str, list[float]]:
+WINDOW = {"warm_ms": 100.0, "window_ms": 200.0}  # set from the command line
+
+
+def time_rounds(variants: dict[str, list], rounds: int) -> dict[str, list[float]]:
     """ms per call of every variant in each of ``rounds`` rounds; each round times every variant
-    once, in reversed order every other round. Clocks drift with the GPU's power and temperature
-    (bf16 cuBLAS at M=4096 moved by up to 20 % within one run), so variants are only compared within a
-    round or by their medians over the same rounds, never across separate stretches of a run."""
+    once (a steady window, see ``WINDOW``), in reversed order every other round. Clocks drift with
+    the GPU's power and temperature (bf16 cuBLAS at M=4096 moved by up to 20 % within one run), so
+    variants are only compared within a round or by their medians over the same rounds, never
+    across separate stretches of a run."""
     prepared = {name: graph_replayer(calls) for name, calls in variants.items()}
     names = list(prepared)
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
-            times[name].append(_replay_ms(*prepared[name], replays))
+            run_once, reps = prepared[name]
+            times[name].append(_window_ms(run_once, reps, WINDOW["warm_ms"], WINDOW["window_ms"])
+                               if WINDOW["window_ms"] > 0 else _replay_ms(run_once, reps, 3))
     return times
 
 
@@ -225,7 +252,7 @@ def _best(results: list[dict]) -> dict | None:
     return best
 
 
-BASELINES = ("cublas", "bwd_cublas", "bnb", "bwd_bnb", "peftlab", "bwd_peftlab")
+BASELINES = ("cublas", "bwd_cublas", "bnb", "bwd_bnb", "peftlab", "bwd_peftlab", "cublas_repeat", "peftlab_repeat")
 
 
 def run(shapes, ms, candidates: dict, with_bnb: bool, rounds: int, save) -> dict:
@@ -259,6 +286,7 @@ def run(shapes, ms, candidates: dict, with_bnb: bool, rounds: int, save) -> dict
                                        for i, (p, s) in enumerate(ops.bnb)]
             variants["peftlab"] = [lambda i=i, p=p, s=s: nf4_matmul(xs[i], p, s) for i, (p, s, _) in enumerate(ops.nf4)]
             variants["bwd_peftlab"] = [lambda i=i, p=p, s=s: nf4_matmul_grad_input(gs[i], p, s) for i, (p, s, _) in enumerate(ops.nf4)]
+            variants["cublas_repeat"], variants["peftlab_repeat"] = variants["cublas"], variants["peftlab"]  # own graphs
             row = {"N": n, "K": k, "M": m, "peftlab_plan": tuning.forward_plan(m, n, k, 64, DTYPE),
                    "bwd_peftlab_plan": tuning.grad_input_plan(m, n, k, 64, DTYPE)}
             forward, backward = [], []
@@ -325,6 +353,8 @@ def summarize(rows: list[dict]) -> list[dict]:
         if ours and r.get("cublas_rounds_ms"):  # each round's ratio: the spread behind the median
             paired = [c / p for c, p in zip(r["cublas_rounds_ms"], ours)]
             line["x_vs_cublas_rounds"] = [min(paired), max(paired)]
+        if r.get("peftlab_repeat_ms"):  # the same two configs timed again in the same rounds
+            line["x_vs_cublas_repeat"] = r["cublas_repeat_ms"] / r["peftlab_repeat_ms"]
         line["x_vs_bnb"] = line["bnb_ms"] / line["peftlab_ms"] if line["bnb_ms"] else None
         line["bwd_x_vs_bnb"] = line["bwd_bnb_ms"] / line["bwd_peftlab_ms"] if line["bwd_bnb_ms"] else None
         out.append(line)
@@ -332,12 +362,13 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def print_table(summary: list[dict]) -> None:
-    print(f"{'N x K':>11} {'M':>5} | {'cuBLAS':>7} {'bnb':>7} {'peftlab':>7} {'kind':>12} {'x cuBLAS':>8} {'rounds':>9}"
-          f" {'x bnb':>6} | {'bwd cuBLAS':>10} {'bwd bnb':>7} {'bwd peft':>8} {'kind':>12} {'x bnb':>6}   (ms)")
+    print(f"{'N x K':>11} {'M':>5} | {'cuBLAS':>7} {'bnb':>7} {'peftlab':>7} {'kind':>12} {'x cuBLAS':>8} {'repeat':>6}"
+          f" {'rounds':>9} {'x bnb':>6} | {'bwd cuBLAS':>10} {'bwd bnb':>7} {'bwd peft':>8} {'kind':>12} {'x bnb':>6}   (ms)")
     for s in summary:
         spread = "{:.2f}-{:.2f}".format(*s["x_vs_cublas_rounds"]) if "x_vs_cublas_rounds" in s else "-"
         print(f"{s['N']:>5}x{s['K']:<5} {s['M']:>5} | {s['cublas_ms']:7.4f} {s['bnb_ms'] or float('nan'):7.4f} "
-              f"{s['peftlab_ms']:7.4f} {str(s['peftlab_kind']):>12} {s['x_vs_cublas']:8.2f} {spread:>9}"
+              f"{s['peftlab_ms']:7.4f} {str(s['peftlab_kind']):>12} {s['x_vs_cublas']:8.2f}"
+              f" {s.get('x_vs_cublas_repeat') or float('nan'):6.2f} {spread:>9}"
               f" {s['x_vs_bnb'] or float('nan'):6.2f} |"
               f" {s['bwd_cublas_ms']:10.4f} {s['bwd_bnb_ms'] or float('nan'):7.4f} {s['bwd_peftlab_ms']:8.4f}"
               f" {str(s['bwd_peftlab_kind']):>12} {s['bwd_x_vs_bnb'] or float('nan'):6.2f}")
@@ -382,14 +413,21 @@ def merge(paths: list[Path]) -> dict:
 
 
 # ----------------------------------------------------------------------------- main
+def timing_description() -> str:
+    """How ``time_rounds`` measured, for the result files."""
+    each = (f"a steady window ({WINDOW['warm_ms']:g} ms of back-to-back replays untimed, then {WINDOW['window_ms']:g} ms timed)"
+            if WINDOW["window_ms"] > 0 else "the median of 3 synced replays")
+    return (f"CUDA graph replay; every variant of a row timed once per round, {each}, order reversed every other "
+            "round; medians over the rounds; weights rotate over copies >= 4x L2 (no L2 flush); a few seconds of "
+            "bf16 GEMMs before the first row")
+
+
 def environment() -> dict:
     import triton
 
     env = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
            "cuda": torch.version.cuda, "python": platform.python_version(),
-           "timing": ("CUDA graph replay; every variant of a row timed once per round (median of 3 replays), "
-                      "order reversed every other round; medians over the rounds; weights rotate over copies "
-                      ">= 4x L2 (no L2 flush); a few seconds of bf16 GEMMs before the first row")}
+           "timing": timing_description()}
     try:
         import bitsandbytes
 
@@ -415,6 +453,10 @@ def main() -> None:
     parser.add_argument("--kinds", default=None, help="with --sweep: only these kinds, e.g. gemv,fused_small")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per row (default 5)")
     parser.add_argument("--warmup-s", type=float, default=3.0, help="seconds of bf16 GEMMs before the first row")
+    parser.add_argument("--warm-ms", type=float, default=WINDOW["warm_ms"],
+                        help="untimed back-to-back replays before each timed window (default 100)")
+    parser.add_argument("--window-ms", type=float, default=WINDOW["window_ms"],
+                        help="timed window per variant and round (default 200; 0: median of 3 synced replays)")
     parser.add_argument("--merge", nargs="+", type=Path, default=None,
                         help="no GPU: merge per-shape result files into --out and print the table")
     args = parser.parse_args()
@@ -426,6 +468,7 @@ def main() -> None:
         return
     if not torch.cuda.is_available():
         sys.exit("benchmarks/kernels.py needs a CUDA GPU.")
+    WINDOW.update(warm_ms=args.warm_ms, window_ms=args.window_ms)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
     ms = [int(v) for v in args.ms.split(",")] if args.ms else MS
     env = environment()

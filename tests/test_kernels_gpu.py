@@ -180,6 +180,32 @@ def test_every_shipped_skinny_plan_matches_reference(m, config):
             assert _rel(skinny.matmul(x, weight, None, config), x.float() @ ref.t()) < _tol(torch.bfloat16), config
 
 
+@pytest.mark.parametrize("m,tiled", [(1, True), (4, False), (11, True)])
+def test_skinny_balanced_grid_matches_reference_and_repeats_exactly(m, tiled):
+    """``BALANCE`` over the device's SMs on a weight of one row group per SM and five more, which
+    it splits along K: the reference within tolerance (with bias), the same bits on every run
+    whichever part finishes last, and the same inside a CUDA graph."""
+    from peftlab.quant.kernels import NF4Weight, skinny
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    n, k = (sms + 5) * 16, 4224 if tiled else 4160
+    packed, state, ref = _weight(n, k, tiled=tiled)
+    weight = NF4Weight.from_state(packed, state)
+    config = {"num_warps": 4, "TABLE": True, "SCALE_AHEAD": True, "BALANCE": True}
+    assert skinny.tail_plan(sms + 5, -(-k // skinny.SEGMENT), 4, sms)[1] >= 2
+    x = _x(m, k, torch.bfloat16, seed=m)
+    bias = (torch.randn(n, device=DEVICE) * 0.1).to(torch.bfloat16)
+    out = skinny.matmul(x, weight, bias, config)
+    assert _rel(out, x.float() @ ref.t() + bias.float()) < _tol(torch.bfloat16)
+    assert all(torch.equal(skinny.matmul(x, weight, bias, config), out) for _ in range(20))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = skinny.matmul(x, weight, bias, config)
+    for _ in range(3):
+        graph.replay()
+        assert torch.equal(replayed, out)
+
+
 def test_skinny_mma_takes_strided_activations_and_runs_in_a_graph():
     from peftlab.quant.kernels import NF4Weight, skinny
 

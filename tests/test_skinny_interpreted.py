@@ -89,6 +89,27 @@ else:
         with pytest.raises(ValueError, match="LATE_SCALE and SHARED_SCALES"):
             skinny.matmul(x, weight, None, {"num_warps": 2, "SHARED_SCALES": True, "LATE_SCALE": True})
 
+    @pytest.mark.parametrize("m,dtype,tiled,config", [
+        (1, torch.float16, False, {"num_warps": 2, "TABLE": True, "SCALE_AHEAD": True, "UNROLL": 2}),
+        (4, torch.bfloat16, True, {"num_warps": 1, "DEPTH": 2, "X_AHEAD": False, "LATE_SCALE": True}),
+        (9, torch.float16, True, {"num_warps": 2, "TABLE": True, "SHARED_SCALES": True, "ROWS": 8})])
+    def test_balanced_grid_matches_reference(m, dtype, tiled, config):
+        """``BALANCE`` over 4 SMs: the first 4 row groups whole, the rest split along K into parts
+        whose fp32 partials the last part to finish adds (with the bias), as the unbalanced grid would."""
+        torch.manual_seed(m)
+        n, k = (80, 1024) if tiled else (72, 1088)  # 5 groups of 16 rows (the last partial without tiles)
+        rows = config.get("ROWS", 16)
+        weight, ref = _weight(n, k, 64, True, tiled)
+        plan = skinny.tail_plan(-(-n // rows), -(-k // skinny.SEGMENT), config["num_warps"], 4)
+        assert plan is not None and plan[0] == 4 * (n // rows // 4) and plan[1] >= 2, plan
+        bias = (torch.randn(n) * 0.1).to(dtype)
+        x = torch.randn(m, k).to(dtype)
+        out = skinny.matmul(x, weight, bias, dict(config, BALANCE=4))
+        expect = x.float() @ ref.t() + bias.float()
+        assert ((out.float() - expect).norm() / expect.norm()).item() < (2e-3 if dtype == torch.float16 else 1e-2)
+        plain = skinny.matmul(x, weight, bias, config)
+        assert ((out.float() - plain.float()).abs().max() <= 2 * plain.float().abs().max() * 2 ** -8).item()
+
     @pytest.mark.parametrize("index,m,config", [(i, m, c) for i, (m, c) in enumerate(tuning.mma_plans())])
     def test_every_shipped_plan_matches_reference(index, m, config):
         """What the dispatcher runs, config by config, with K long enough for every plan's unmasked

@@ -25,15 +25,15 @@ from peftlab.quant.kernels import skinny, tuning  # noqa: E402
 
 _TYPES = {"x_ptr": "*i64", "packed_ptr": "*i64", "code_ptr": "*fp32", "absmax_ptr": "*u8",
           "nested_absmax_ptr": "*fp32", "nested_code_ptr": "*fp32", "offset": "fp32", "bias_ptr": "*bf16",
-          "out_ptr": "*bf16"}
+          "out_ptr": "*bf16", "ws_ptr": "*fp32", "count_ptr": "*i32"}
 _ALIGNED = ("x_ptr", "packed_ptr", "code_ptr", "out_ptr")  # what the launcher guarantees
 
 
 def _compile(nw: int, tiles: int, table: bool, depth: int, x_ahead: bool, shared: bool, rows: int, steady: bool,
              groups: int, hint: bool, capability: int, maxnreg: int | None = None, unroll: int = 1,
-             scale_ahead: bool = False, tiled: bool = False):
+             scale_ahead: bool = False, tiled: bool = False, tail: int = 0):
     kernel = skinny._skinny_kernel
-    constants = dict(BS=64, NW=nw, TILES=tiles, SPLIT=1, HAS_BIAS=True, NESTED=True, F16=False, TABLE=table,
+    constants = dict(TAIL=tail, BS=64, NW=nw, TILES=tiles, SPLIT=1, HAS_BIAS=True, NESTED=True, F16=False, TABLE=table,
                      DEPTH=depth, X_AHEAD=x_ahead, SHARED_SCALES=shared, SCALE_BLOCKS=4,
                      SCALE_DECL=skinny.scale_table_decl(4) if shared else "",
                      SEGMENT_ASM=skinny.segment_asm("bf16", tiles, table, shared, rows, groups),
@@ -118,13 +118,15 @@ def test_queued_words_keep_their_layout_through_the_loops(nw, tiles, table, shar
     assert loop_conversions_of_words(ttgir, nw * 32) == []
 
 
-def _compile_plan(m: int, config: dict):
+def _compile_plan(m: int, config: dict, tail: int = 0):
     """A plan of the forward tables compiled for sm_90 as the dispatcher runs it on the tables' shapes
-    (64-code blocks, the weight in tiles)."""
+    (64-code blocks, the weight in tiles); ``tail``: the parts of a balanced grid's split row groups
+    (4 where the plan balances and no shape says otherwise)."""
     return _compile(config["num_warps"], 1 if m <= 8 else 2, config["TABLE"], config["DEPTH"], config["X_AHEAD"],
                     config["SHARED_SCALES"], config["ROWS"], config["STEADY"],
                     skinny.late_scale_groups(64) if config["LATE_SCALE"] else 0, config["L2_HINT"], 90,
-                    config["MAXNREG"], config["UNROLL"], config["SCALE_AHEAD"], True)
+                    config["MAXNREG"], config["UNROLL"], config["SCALE_AHEAD"], True,
+                    tail or (4 if config["BALANCE"] else 0))
 
 
 @pytest.mark.parametrize("m,config", tuning.mma_plans())
@@ -164,13 +166,33 @@ def _resources(compiled) -> tuple[int, int]:
 H100_SMS, H100_REGISTERS, H100_SHARED = 132, 65536, 233472
 
 
-@pytest.mark.parametrize("n,m,config", [(n, m, cfg) for (n, _), row in tuning.FORWARD.items()
-                                        for m, (kind, cfg) in row.items() if kind == "mma" and cfg["MAXNREG"]])
-def test_register_capped_plans_run_in_one_wave(n, m, config):
+@pytest.mark.parametrize("n,k,m,config", [(n, k, m, cfg) for (n, k), row in tuning.FORWARD.items()
+                                          for m, (kind, cfg) in row.items() if kind == "mma" and cfg["MAXNREG"]])
+def test_register_capped_plans_run_in_one_wave(n, k, m, config):
     """A register cap exists to fit the whole grid on an H100 at once: the compiled kernel keeps
-    within it, and as many programs as the weight's rows need fit on each SM."""
+    within it, and as many programs as the weight's rows need (with ``BALANCE``, the whole row
+    groups and the parts of the split ones) fit on each SM."""
     nw, rows = config["num_warps"], config["ROWS"]
-    registers, shared = _resources(_compile_plan(m, config))
+    groups = -(-n // rows)
+    plan = skinny.tail_plan(groups, -(-k // skinny.SEGMENT), nw, H100_SMS) if config["BALANCE"] else None
+    programs = plan[0] + (groups - plan[0]) * plan[1] if plan else groups
+    registers, shared = _resources(_compile_plan(m, config, plan[1] if plan else 0))
     assert registers <= config["MAXNREG"]
     per_sm = min(H100_REGISTERS // (nw * 32 * -(-registers // 8) * 8), H100_SHARED // (shared + 1024))
-    assert per_sm * H100_SMS >= -(-n // rows), (registers, shared, per_sm)
+    assert per_sm * H100_SMS >= programs, (registers, shared, per_sm, programs)
+
+
+@pytest.mark.parametrize("groups,segments,warps,sms,expect", [
+    (688, 32, 4, 132, (660, 4, 8)),  # 11008 x 4096: 28 groups left over, 4 parts of 8 segments each
+    (688, 32, 8, 132, (660, 4, 8)),
+    (150, 33, 4, 132, (132, 7, 5)),  # 18 groups left: 7 parts (of 5 segments; 33 // 5 rounds up to 7)
+    (20, 9, 2, 8, (16, 2, 5)),  # 4 left on 8 SMs: 2 parts (5 and 4 segments)
+    (896, 32, 4, 132, None),  # 14336 x 4096: 104 left over, one part each: nothing to gain
+    (256, 86, 8, 132, None),  # 4096 x 11008: 124 left over
+    (660, 32, 4, 132, None),  # already even
+    (100, 32, 4, 132, None),  # fewer groups than SMs
+])
+def test_tail_plan_evens_out_the_last_programs(groups, segments, warps, sms, expect):
+    """The balanced grid's arithmetic, worked by hand: whole groups on every SM alike, the rest split
+    into at most one part per SM and at least one segment per warp."""
+    assert skinny.tail_plan(groups, segments, warps, sms) == expect

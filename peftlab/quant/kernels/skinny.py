@@ -242,7 +242,8 @@ def scale_table_decl(blocks: int) -> str:
 
 
 @triton.jit
-def _fill_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, seg0, seg_end, row_end, KB, BS: tl.constexpr,
+def _fill_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, group, seg0, seg_end, row_end, KB,
+                 BS: tl.constexpr,
                  NESTED: tl.constexpr, DT: tl.constexpr, NW: tl.constexpr, BLOCKS: tl.constexpr,
                  DECLARE: tl.constexpr, ROWS: tl.constexpr):
     """Decodes the block scales of the program's rows and segments once, into shared memory as
@@ -260,7 +261,7 @@ def _fill_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, seg0, s
     used = b < (seg_end * 128 + BS - 1) // BS - blk0
     bits = tl.zeros((8, BLOCKS), tl.int32)
     for half in tl.static_range(2):  # rows g, then rows g + 8
-        row = tl.program_id(0) * ROWS + g + 8 * half
+        row = group * ROWS + g + 8 * half
         ok = used & (row < row_end) & (blk0 + b < KB)
         q, outer = scale_bytes(absmax_ptr, nested_absmax_ptr, row.to(tl.int64) * KB + blk0 + b, ok, NESTED)
         scale = decode_scales(nested_code_ptr, offset, q, outer, ok, NESTED).to(DT).to(tl.int16, bitcast=True)
@@ -529,10 +530,14 @@ def _fetch_activations(x_ptr, seg, seg_end, c, row, M, K, KB, BS: tl.constexpr, 
 
 
 @triton.jit
-def _store(acc, token, row, M, N, NW: tl.constexpr, out_ptr, bias_ptr, stride_o, SPLIT: tl.constexpr,
-           HAS_BIAS: tl.constexpr):
-    """Adds the warps' partial sums of one accumulator and stores it (fp32 partials when split)."""
-    acc = tl.sum(tl.reshape(acc, (NW, 32, 2)), axis=0)
+def _warp_sum(acc, NW: tl.constexpr):
+    """One accumulator's warps' partial sums added: [32, 2], lane (g, c) as in the kernel."""
+    return tl.sum(tl.reshape(acc, (NW, 32, 2)), axis=0)
+
+
+@triton.jit
+def _store(acc, token, row, M, N, out_ptr, bias_ptr, stride_o, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Stores one warp-summed accumulator (fp32 partials when split)."""
     mask = (token < M) & (row < N)
     if SPLIT == 1:
         if HAS_BIAS:
@@ -541,6 +546,73 @@ def _store(acc, token, row, M, N, NW: tl.constexpr, out_ptr, bias_ptr, stride_o,
     else:
         dst = out_ptr + (tl.program_id(1) * M + token).to(tl.int64) * N + row
     tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _store_all(acc_g0, acc_h0, acc_g1, acc_h1, token, out_row, M, N, out_ptr, bias_ptr, stride_o,
+               SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, TILES: tl.constexpr):
+    """Stores the program's warp-summed accumulators: weight rows g (and g + 8), activation rows
+    2c + e (and + 8)."""
+    _store(acc_g0, token, out_row, M, N, out_ptr, bias_ptr, stride_o, SPLIT, HAS_BIAS)
+    if ROWS == 16:
+        _store(acc_h0, token, out_row + 8, M, N, out_ptr, bias_ptr, stride_o, SPLIT, HAS_BIAS)
+    if TILES == 2:
+        _store(acc_g1, token + 8, out_row, M, N, out_ptr, bias_ptr, stride_o, SPLIT, HAS_BIAS)
+        if ROWS == 16:
+            _store(acc_h1, token + 8, out_row + 8, M, N, out_ptr, bias_ptr, stride_o, SPLIT, HAS_BIAS)
+
+
+@triton.jit
+def _tail_slot(token, row, part, row0, tail_rows):
+    """Offsets of tail part ``part``'s fp32 partials, laid out [parts, tail rows, 16 activation rows]."""
+    return (part * tail_rows + (row - row0)).to(tl.int64) * 16 + token
+
+
+@triton.jit
+def _stash(acc, token, row, M, N, ws_ptr, part, row0, tail_rows):
+    tl.store(ws_ptr + _tail_slot(token, row, part, row0, tail_rows), acc, mask=(token < M) & (row < N))
+
+
+@triton.jit
+def _tail_total(acc, token, row, M, N, ws_ptr, row0, tail_rows, PARTS: tl.constexpr):
+    """The parts' partials of one accumulator added in part order, so every run gives the same sum
+    (read from L2: other programs wrote them)."""
+    total = tl.zeros_like(acc)
+    for part in tl.static_range(PARTS):
+        total += tl.load(ws_ptr + _tail_slot(token, row, part, row0, tail_rows), mask=(token < M) & (row < N),
+                         other=0.0, cache_modifier=".cg")
+    return total
+
+
+@triton.jit
+def _finish_tail(acc_g0, acc_h0, acc_g1, acc_h1, token, out_row, M, N, out_ptr, bias_ptr, stride_o, ws_ptr,
+                 count_ptr, full_groups, group, ROWS: tl.constexpr, TILES: tl.constexpr, PARTS: tl.constexpr,
+                 HAS_BIAS: tl.constexpr):
+    """A tail program (see :func:`matmul`'s ``BALANCE``): stashes its fp32 partials; the last of its
+    row group's PARTS programs to count in adds them all and stores the rows."""
+    row0 = full_groups * ROWS
+    tail_rows = N - row0
+    part = (tl.program_id(0) - full_groups) % PARTS
+    _stash(acc_g0, token, out_row, M, N, ws_ptr, part, row0, tail_rows)
+    if ROWS == 16:
+        _stash(acc_h0, token, out_row + 8, M, N, ws_ptr, part, row0, tail_rows)
+    if TILES == 2:
+        _stash(acc_g1, token + 8, out_row, M, N, ws_ptr, part, row0, tail_rows)
+        if ROWS == 16:
+            _stash(acc_h1, token + 8, out_row + 8, M, N, ws_ptr, part, row0, tail_rows)
+    tl.debug_barrier()  # every warp's partials are written before the count says so
+    if tl.atomic_add(count_ptr + (group - full_groups), 1, sem="acq_rel", scope="gpu") == PARTS - 1:
+        tl.debug_barrier()
+        acc_g0 = _tail_total(acc_g0, token, out_row, M, N, ws_ptr, row0, tail_rows, PARTS)
+        if ROWS == 16:
+            acc_h0 = _tail_total(acc_h0, token, out_row + 8, M, N, ws_ptr, row0, tail_rows, PARTS)
+        if TILES == 2:
+            acc_g1 = _tail_total(acc_g1, token + 8, out_row, M, N, ws_ptr, row0, tail_rows, PARTS)
+            if ROWS == 16:
+                acc_h1 = _tail_total(acc_h1, token + 8, out_row + 8, M, N, ws_ptr, row0, tail_rows, PARTS)
+        _store_all(acc_g0, acc_h0, acc_g1, acc_h1, token, out_row, M, N, out_ptr, bias_ptr, stride_o, 1, HAS_BIAS,
+                   ROWS, TILES)
+        tl.atomic_xchg(count_ptr + (group - full_groups), 0, sem="relaxed", scope="gpu")  # ready for the next launch
 
 
 @triton.jit
@@ -605,10 +677,10 @@ def _segment(queue, acts, accs, slot: tl.constexpr, MASKED: tl.constexpr, seg, s
     return queue, acts, (acc_g0, acc_h0, acc_g1, acc_h1), scales
 
 
-@triton.jit(do_not_specialize=["M", "N", "K", "KB", "stride_o", "segments_per_split"])
+@triton.jit(do_not_specialize=["M", "N", "K", "KB", "stride_o", "segments_per_split", "full_groups"])
 def _skinny_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, bias_ptr,
-                   out_ptr, M, N, K, KB, stride_o, segments_per_split,
-                   BS: tl.constexpr, NW: tl.constexpr, TILES: tl.constexpr, SPLIT: tl.constexpr,
+                   out_ptr, M, N, K, KB, stride_o, segments_per_split, ws_ptr, count_ptr, full_groups,
+                   TAIL: tl.constexpr, BS: tl.constexpr, NW: tl.constexpr, TILES: tl.constexpr, SPLIT: tl.constexpr,
                    HAS_BIAS: tl.constexpr, NESTED: tl.constexpr, F16: tl.constexpr, TABLE: tl.constexpr,
                    DEPTH: tl.constexpr, X_AHEAD: tl.constexpr, SHARED_SCALES: tl.constexpr, SCALE_BLOCKS: tl.constexpr,
                    SCALE_DECL: tl.constexpr, SEGMENT_ASM: tl.constexpr, CONSTRAINTS: tl.constexpr,
@@ -617,15 +689,23 @@ def _skinny_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, n
     # x_ptr and packed_ptr are int64 views (4 activations, 16 codes). A thread's tensors are
     # [NW * 32, 2], row r on lane r % 32 of warp r // 32 (the layout the PTX relies on), a pair per
     # thread: element e of the scales is weight row g + 8e's, of an accumulator activation row 2c + e.
+    # Program -> row group and segment range: along K with SPLIT; with TAIL, the programs past
+    # full_groups share the last row groups, TAIL programs (parts of segments_per_split) each.
+    group, seg0 = tl.program_id(0), tl.program_id(1) * segments_per_split
+    seg_end = tl.minimum(seg0 + segments_per_split, (K + 127) // 128)
+    if TAIL > 0:
+        tail = tl.program_id(0) >= full_groups
+        t = tl.maximum(tl.program_id(0) - full_groups, 0)
+        group = tl.where(tail, full_groups + t // TAIL, group)
+        seg0 = tl.where(tail, t % TAIL * segments_per_split, 0)
+        seg_end = tl.where(tail, tl.minimum(seg0 + segments_per_split, (K + 127) // 128), (K + 127) // 128)
     r = tl.arange(0, NW * 32)[:, None]
     warp = r // 32
     c = r % 4
-    row = tl.program_id(0) * ROWS + (r % 32) // 4
-    row_end = tl.minimum(N, tl.program_id(0) * ROWS + ROWS)  # with 8 rows, rows g + 8 are the next program's
+    row = group * ROWS + (r % 32) // 4
+    row_end = tl.minimum(N, group * ROWS + ROWS)  # with 8 rows, rows g + 8 are the next program's
     DT: tl.constexpr = tl.float16 if F16 else tl.bfloat16
     zero = tl.zeros((NW * 32, 2), tl.int32)
-    seg0 = tl.program_id(1) * segments_per_split
-    seg_end = tl.minimum(seg0 + segments_per_split, (K + 127) // 128)
     # The first segments' loads go out before the table fills, which then run under their latency.
     # ``queue`` holds the weight loads of the next DEPTH segments (2 tensors each); activations,
     # read by every warp and so mostly L1 hits, are loaded X_AHEAD (0 or 1) segments ahead.
@@ -646,7 +726,7 @@ def _skinny_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, n
                                      True, GROUPS)
         scales = _decoded_scales(first, seg, seg_end, c, row, row_end, K, nested_code_ptr, offset, NESTED, True, GROUPS)
     if SHARED_SCALES:
-        scales = _fill_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, seg0, seg_end, row_end, KB, BS,
+        scales = _fill_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, group, seg0, seg_end, row_end, KB, BS,
                               NESTED, DT, NW, SCALE_BLOCKS, SCALE_DECL, ROWS)
         blk0 = seg0 * 128 // BS
     if TABLE:  # the segment PTX reads the lane's table address from the first decode operand
@@ -690,17 +770,22 @@ def _skinny_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, n
             X_AHEAD, SHARED_SCALES, STEADY, ROWS, GROUPS, SEGMENT_ASM, CONSTRAINTS, L2_HINT, SCALE_AHEAD, TILED)
         seg += NW
     acc_g0, acc_h0, acc_g1, acc_h1 = accs
+    acc_g0, acc_h0 = _warp_sum(acc_g0, NW), _warp_sum(acc_h0, NW)
+    acc_g1, acc_h1 = _warp_sum(acc_g1, NW), _warp_sum(acc_h1, NW)
     # Lane (g, c) of an accumulator holds weight row g (or g + 8), activation rows 2c + e (+ 8).
     lane = tl.arange(0, 32)[:, None]
-    out_row = tl.program_id(0) * ROWS + lane // 4
+    out_row = group * ROWS + lane // 4
     token = 2 * (lane % 4) + tl.arange(0, 2)[None, :]
-    _store(acc_g0, token, out_row, M, N, NW, out_ptr, bias_ptr, stride_o, SPLIT, HAS_BIAS)
-    if ROWS == 16:
-        _store(acc_h0, token, out_row + 8, M, N, NW, out_ptr, bias_ptr, stride_o, SPLIT, HAS_BIAS)
-    if TILES == 2:
-        _store(acc_g1, token + 8, out_row, M, N, NW, out_ptr, bias_ptr, stride_o, SPLIT, HAS_BIAS)
-        if ROWS == 16:
-            _store(acc_h1, token + 8, out_row + 8, M, N, NW, out_ptr, bias_ptr, stride_o, SPLIT, HAS_BIAS)
+    if TAIL > 0:
+        if tl.program_id(0) >= full_groups:
+            _finish_tail(acc_g0, acc_h0, acc_g1, acc_h1, token, out_row, M, N, out_ptr, bias_ptr, stride_o, ws_ptr,
+                         count_ptr, full_groups, group, ROWS, TILES, TAIL, HAS_BIAS)
+        else:
+            _store_all(acc_g0, acc_h0, acc_g1, acc_h1, token, out_row, M, N, out_ptr, bias_ptr, stride_o, SPLIT,
+                       HAS_BIAS, ROWS, TILES)
+    else:
+        _store_all(acc_g0, acc_h0, acc_g1, acc_h1, token, out_row, M, N, out_ptr, bias_ptr, stride_o, SPLIT, HAS_BIAS,
+                   ROWS, TILES)
 
 
 @functools.cache  # asked on every dispatch; a device's capability never changes
@@ -729,6 +814,48 @@ def supports(x: torch.Tensor, weight: NF4Weight) -> bool:
             and _has_bf16_mma(x.device))
 
 
+def tail_plan(groups: int, segments: int, warps: int, sms: int) -> tuple[int, int, int] | None:
+    """``(full groups, parts, segments per part)`` for ``BALANCE``; None where nothing evens out.
+
+    One program per row group leaves ``groups % sms`` SMs a program more than the rest (11008 rows:
+    688 programs, 28 of 132 SMs run 6 and the others 5, which cost 0.5 us at M = 1). Balanced, the
+    first ``groups // sms * sms`` programs take whole row groups and each remaining row group is
+    split along K into ``parts`` programs, at most one more per SM and at least one segment per warp.
+    """
+    full = groups // sms * sms
+    if not full or full == groups:
+        return None
+    parts = min(sms // (groups - full), segments // warps)
+    if parts < 2:
+        return None
+    per = triton.cdiv(segments, parts)
+    return full, triton.cdiv(segments, per), per
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+_counts: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _tail_counts(device: torch.device, groups: int) -> torch.Tensor:
+    """Arrival counts of ``BALANCE``'s split row groups (int32, zero), at most one per SM.
+
+    On CUDA one buffer per stream, kept for the process's life: a launch's last part resets its
+    group's count, so the next launch on the stream finds zeros with no memset (which cost 1.2 us
+    at M = 1, more than balancing gains), and captured graphs keep a valid address. Launches on one
+    stream never overlap; graphs captured on one stream must be replayed one at a time.
+    """
+    if device.type != "cuda":  # the interpreter runs one program at a time on the CPU
+        return torch.zeros(groups, dtype=torch.int32, device=device)
+    key = (device, torch.cuda.current_stream(device).cuda_stream)
+    if key not in _counts:
+        _counts[key] = torch.zeros(_sm_count(device), dtype=torch.int32, device=device)
+    return _counts[key]
+
+
 def matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, config: dict) -> torch.Tensor:
     """``x [m, k] @ W.T (+ bias) -> [m, n]`` for ``m <= 16`` where :func:`supports` holds.
 
@@ -745,9 +872,12 @@ def matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, config
     fills 256 bytes of L2 per miss), ``MAXNREG`` (cap the registers per thread, so that enough
     programs share an SM to run the whole grid in one wave; ``None``: the compiler's choice),
     ``UNROLL`` (masked steps per loop iteration: 1, or 2 so that the queued loads alternate between
-    two register sets instead of being moved; the steady loop is not unrolled) and ``SCALE_AHEAD``
+    two register sets instead of being moved; the steady loop is not unrolled), ``SCALE_AHEAD``
     (decode each segment's block scales one step earlier, from bytes loaded a segment further
-    ahead than its codes; ignored with ``SHARED_SCALES``).
+    ahead than its codes; ignored with ``SHARED_SCALES``) and ``BALANCE`` (without ``SPLIT``: even
+    out the programs per SM as :func:`tail_plan` says, over the device's SMs, or over this many
+    where it is an int; the split row groups' partials are added in a fixed order, so results do
+    not vary between runs).
     """
     m, k = x.shape
     if x.stride(0) != k or x.stride(1) != 1 or x.data_ptr() % ALIGNMENT:
@@ -764,10 +894,20 @@ def matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, config
     blocks = scale_blocks(per_split, weight.blocksize) if shared else 1
     target = out if split == 1 else torch.empty(split, m, weight.n, dtype=torch.float32, device=x.device)
     cap = {"maxnreg": config["MAXNREG"]} if config.get("MAXNREG") else {}  # a compile option, not a kernel argument
-    _skinny_kernel[(triton.cdiv(weight.n, rows), split)](
+    row_groups = triton.cdiv(weight.n, rows)
+    balance = config.get("BALANCE", False)
+    sms = (_sm_count(x.device) if x.is_cuda else 0) if balance is True else int(balance)
+    plan = tail_plan(row_groups, segments, config["num_warps"], sms) if sms and split == 1 else None
+    grid, full, parts, stash, counts = (row_groups, split), row_groups, 0, out, out
+    if plan:
+        full, parts, per_split = plan
+        grid = (full + (row_groups - full) * parts, 1)
+        stash = torch.empty(parts, weight.n - full * rows, MAX_ROWS, dtype=torch.float32, device=x.device)
+        counts = _tail_counts(x.device, row_groups - full)
+    _skinny_kernel[grid](
         x.view(torch.int64), weight.packed.view(torch.int64), weight.code, *weight.scale_args(),
         bias if bias is not None else x, target, m, weight.n, k, weight.k_blocks, out.stride(0), per_split,
-        BS=weight.blocksize, NW=config["num_warps"], TILES=tiles, SPLIT=split, HAS_BIAS=bias is not None and split == 1,
+        stash, counts, full, TAIL=parts, BS=weight.blocksize, NW=config["num_warps"], TILES=tiles, SPLIT=split, HAS_BIAS=bias is not None and split == 1,
         NESTED=weight.nested, F16=x.dtype == torch.float16, TABLE=table, DEPTH=config.get("DEPTH", 1),
         X_AHEAD=config.get("X_AHEAD", True), SHARED_SCALES=shared, SCALE_BLOCKS=triton.next_power_of_2(blocks),
         SCALE_DECL=scale_table_decl(blocks) if shared else "",

@@ -22,7 +22,8 @@ with the L2 prefetch-size hint against the plan, the same way) and ``kernels-occ
 alternating rounds from HBM) and ``kernels-scale-ahead-h100.json`` (block scales decoded a step
 ahead against the plan, the same way) and ``kernels-tiled-h100.json`` (the weight's bytes in tiles,
 as an ``NF4Linear`` holds them on the GPU: the plans against row-major bytes and every distinct
-skinny plan against each other, the same way) for the rows that name them. The measured shapes
+skinny plan against each other, the same way) and ``kernels-balance-h100.json`` (balanced grids
+against the plan, alternating rounds of steady windows from HBM) for the rows that name them. The measured shapes
 all fit in tiles, so their ``mma`` rows are measured on tiled weights. Kinds: ``gemv1`` (persistent
 one-row GEMV), ``gemv`` (CUDA-core GEMV), ``mma`` (``skinny``: up to 16 rows, the weight decoded in
 registers, or with ``TABLE`` through a shared pair table, for tensor-core ``mma.sync``; ``DEPTH``
@@ -31,7 +32,8 @@ shared table with ``SHARED_SCALES``, ``rows=8`` for programs of 8 weight rows, t
 ``steady`` for no masks where segments are whole, ``late`` for block scales applied to the mma's
 fp32 partials, ``hint`` for weight loads that fill 256 bytes of L2 per miss, ``maxnreg`` for a cap
 on registers per thread, ``unroll`` for masked steps per loop iteration, ``scale_ahead`` for block
-scales decoded one step before their segment), ``fused`` (dequantize tiles into ``tl.dot``),
+scales decoded one step before their segment, ``balance`` for the last row groups split along K where
+one program per row group would leave some SMs a program more than the rest), ``fused`` (dequantize tiles into ``tl.dot``),
 ``chunked`` (dequantize into a scratch buffer + cuBLAS; the value is the chunk size in elements,
 ``None`` for the whole weight at once), ``overlap`` (chunks as ``chunked``, the next one dequantized
 on a side stream during the current GEMM). The comments give the measured time, for some rows
@@ -47,10 +49,11 @@ import torch
 
 def _mma(warps: int, split: int, table: bool = False, depth: int = 1, x_ahead: bool = True,
          shared_scales: bool = False, rows: int = 16, steady: bool = False, late: bool = False,
-         hint: bool = False, maxnreg: int | None = None, unroll: int = 1, scale_ahead: bool = False) -> dict:
+         hint: bool = False, maxnreg: int | None = None, unroll: int = 1, scale_ahead: bool = False,
+         balance: bool = False) -> dict:
     return {"SPLIT": split, "num_warps": warps, "TABLE": table, "DEPTH": depth, "X_AHEAD": x_ahead,
             "SHARED_SCALES": shared_scales, "ROWS": rows, "STEADY": steady, "LATE_SCALE": late, "L2_HINT": hint,
-            "MAXNREG": maxnreg, "UNROLL": unroll, "SCALE_AHEAD": scale_ahead}
+            "MAXNREG": maxnreg, "UNROLL": unroll, "SCALE_AHEAD": scale_ahead, "BALANCE": balance}
 
 
 DEQUANT_CONFIG = {"elems_per_program": 2048, "num_warps": 4, "flat_block": 1024}
@@ -89,9 +92,10 @@ FORWARD = {
         # scales decoded a step ahead and activations at use (with activations ahead: 15.4 us)
         # in tiles 13.6-13.8 us against 14.3-14.4 row-major (kernels-tiled, 3 runs); in tiles the L2 hint no longer
         # pays: 13.65-13.75 us without it against 13.71-13.82 with it (kernels-tiled, 2 runs of 2 passes)
-        1: ('mma', _mma(4, 1, table=True, x_ahead=False, maxnreg=72, scale_ahead=True)),
-        2: ('mma', _mma(4, 1, table=True, hint=True, maxnreg=72)),  # 14.8-15.0 us vs 15.8-15.9 (kernels-occupancy, 2 runs)
-        4: ('mma', _mma(4, 1, table=True, hint=True, maxnreg=72)),  # 16.3-16.5 us vs 16.6-16.7 (kernels-occupancy, 2 runs)
+        # 688 programs leave 28 SMs a sixth: balanced, 12.81 us against 13.52 (kernels-balance, steady windows)
+        1: ('mma', _mma(4, 1, table=True, x_ahead=False, maxnreg=72, scale_ahead=True, balance=True)),
+        2: ('mma', _mma(4, 1, table=True, hint=True, maxnreg=72, balance=True)),  # 13.77 us vs 14.11 unbalanced (kernels-balance)
+        4: ('mma', _mma(4, 1, table=True, hint=True, maxnreg=72, balance=True)),  # 14.69 us vs 15.32 unbalanced (kernels-balance)
         8: ('mma', _mma(4, 1, table=True, shared_scales=True, hint=True, unroll=2)),  # 18.9 us vs 19.6 (kernels-tiled, 2 runs)
         12: ('mma', _mma(2, 1)),  # 22.6 us vs 31.5 fused
         16: ('mma', _mma(2, 1, depth=2, shared_scales=True, steady=True, hint=True)),  # 22.1-22.4 us vs 22.2-22.6 (kernels-l2-hint, 2 runs)
