@@ -726,8 +726,8 @@ def _skinny_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, n
                                      True, GROUPS)
         scales = _decoded_scales(first, seg, seg_end, c, row, row_end, K, nested_code_ptr, offset, NESTED, True, GROUPS)
     if SHARED_SCALES:
-        scales = _fill_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, group, seg0, seg_end, row_end, KB, BS,
-                              NESTED, DT, NW, SCALE_BLOCKS, SCALE_DECL, ROWS)
+        scales = _fill_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, group, seg0, seg_end, row_end, KB,
+                              BS, NESTED, DT, NW, SCALE_BLOCKS, SCALE_DECL, ROWS)
         blk0 = seg0 * 128 // BS
     if TABLE:  # the segment PTX reads the lane's table address from the first decode operand
         lane_entry = zero + (_fill_table(code_ptr, NW, DT) + (r % 32) * 4)  # copy l of an entry is on bank l
