@@ -321,8 +321,8 @@ def require_tiles_fit(shape: tuple[int, ...], blocksize: int, where: str,
     """Raises ``error``, naming ``where``, unless :func:`tiles_fit` holds."""
     if not tiles_fit(shape, blocksize):
         raise error(f"{where}: a weight of shape {list(shape)} and blocksize {blocksize} cannot be held in "
-                             f"tiles; rows must be a multiple of {TILE_ROWS} and columns of {TILE_COLS} and of the "
-                             f"blocksize.")
+                    f"tiles; rows must be a multiple of {TILE_ROWS} and columns of {TILE_COLS} and of the "
+                    f"blocksize.")
 
 
 def _tile_view(shape: tuple[int, ...]) -> tuple[int, int, int, int]:

@@ -243,8 +243,7 @@ def scale_table_decl(blocks: int) -> str:
 
 @triton.jit
 def _fill_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, group, seg0, seg_end, row_end, KB,
-                 BS: tl.constexpr,
-                 NESTED: tl.constexpr, DT: tl.constexpr, NW: tl.constexpr, BLOCKS: tl.constexpr,
+                 BS: tl.constexpr, NESTED: tl.constexpr, DT: tl.constexpr, NW: tl.constexpr, BLOCKS: tl.constexpr,
                  DECLARE: tl.constexpr, ROWS: tl.constexpr):
     """Decodes the block scales of the program's rows and segments once, into shared memory as
     DT pairs: block b's entry for lane row g is 4 bytes at ``(b * 8 + g) * 4``, row g's scale in
