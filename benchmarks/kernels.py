@@ -287,7 +287,8 @@ def run(shapes, ms, candidates: dict, with_bnb: bool, rounds: int, save) -> dict
             variants["peftlab"] = [lambda i=i, p=p, s=s: nf4_matmul(xs[i], p, s) for i, (p, s, _) in enumerate(ops.nf4)]
             variants["bwd_peftlab"] = [lambda i=i, p=p, s=s: nf4_matmul_grad_input(gs[i], p, s) for i, (p, s, _) in enumerate(ops.nf4)]
             variants["cublas_repeat"], variants["peftlab_repeat"] = variants["cublas"], variants["peftlab"]  # own graphs
-            row = {"N": n, "K": k, "M": m, "peftlab_plan": tuning.forward_plan(m, n, k, 64, DTYPE),
+            family = tuning.gpu_family(torch.device("cuda", torch.cuda.current_device()))
+            row = {"N": n, "K": k, "M": m, "peftlab_plan": tuning.forward_plan(m, n, k, 64, DTYPE, family),
                    "bwd_peftlab_plan": tuning.grad_input_plan(m, n, k, 64, DTYPE)}
             forward, backward = [], []
             if candidates:

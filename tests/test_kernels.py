@@ -172,6 +172,22 @@ else:
         assert tuning.forward_plan(64, 4096, 4096, 64, torch.float32) == ("chunked", None)
         assert tuning.grad_input_plan(1, 4096, 4096, 64, torch.float32) == ("chunked", None)
 
+    def test_gpu_entries_replace_the_h100_choice_only_on_their_gpu():
+        from peftlab.quant.kernels import tuning
+
+        assert tuning.family_of("NVIDIA H200") == tuning.family_of("NVIDIA H200 NVL") == "H200"
+        assert tuning.family_of("NVIDIA H100 80GB HBM3") == tuning.gpu_family(torch.device("cpu")) == ""
+        for family, shapes in tuning.GPU_FORWARD.items():
+            for (n, k), by_m in shapes.items():
+                for m, entry in by_m.items():
+                    assert tuning.forward_plan(m, n, k, 64, torch.bfloat16, family) == entry
+                    assert tuning.forward_plan(m, n, k, 64, torch.bfloat16) == tuning.FORWARD[(n, k)][m] != entry
+                    other = max(tuning.FORWARD[(n, k)])  # the family's other entries stay the H100's
+                    assert tuning.forward_plan(other, n, k, 64, torch.bfloat16, family) == \
+                        tuning.forward_plan(other, n, k, 64, torch.bfloat16)
+                    # the GPU tests run every plan of mma_plans, so it must list this one for its rows
+                    assert any(c == entry[1] and (p > 8) == (m > 8) for p, c in tuning.mma_plans())
+
     def test_public_entry_points_keep_leading_dims_and_check_inputs():
         packed, state, ref = _weight(24, 100)  # rows not made of whole blocks -> dequantize + matmul
         x = torch.randn(2, 3, 100).half()

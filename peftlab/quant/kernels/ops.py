@@ -9,7 +9,7 @@ import torch
 from peftlab.quant.kernels import chunked, gemm, skinny
 from peftlab.quant.kernels.dequant import dequantize
 from peftlab.quant.kernels.gemv import gemv, gemv_row
-from peftlab.quant.kernels.tuning import GEMV_FALLBACK, blocks_per_step, forward_plan, grad_input_plan
+from peftlab.quant.kernels.tuning import GEMV_FALLBACK, blocks_per_step, forward_plan, gpu_family, grad_input_plan
 from peftlab.quant.kernels.weights import NF4KernelError, NF4Weight
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -52,7 +52,7 @@ def matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = None)
     x2 = _as_rows(x, weight.k, "x", weight)
     if bias is not None:
         bias = bias.to(device=x.device, dtype=x.dtype).contiguous()
-    kind, config = forward_plan(x2.shape[0], weight.n, weight.k, weight.blocksize, x.dtype)
+    kind, config = forward_plan(x2.shape[0], weight.n, weight.k, weight.blocksize, x.dtype, gpu_family(x.device))
     with launch_device(x.device):
         if x2.shape[0] == 0:
             out = x2.new_empty(0, weight.n)

@@ -23,7 +23,9 @@ alternating rounds from HBM) and ``kernels-scale-ahead-h100.json`` (block scales
 ahead against the plan, the same way) and ``kernels-tiled-h100.json`` (the weight's bytes in tiles,
 as an ``NF4Linear`` holds them on the GPU: the plans against row-major bytes and every distinct
 skinny plan against each other, the same way) and ``kernels-balance-h100.json`` (balanced grids
-against the plan, alternating rounds of steady windows from HBM) for the rows that name them. The measured shapes
+against the plan, alternating rounds of steady windows from HBM) and ``kernels-gpu-plans.json`` (every
+distinct skinny plan against the shipped one on an H100 and an H200, the same way; it also chose the
+H200's entries of ``GPU_FORWARD``) for the rows that name them. The measured shapes
 all fit in tiles, so their ``mma`` rows are measured on tiled weights. Kinds: ``gemv1`` (persistent
 one-row GEMV), ``gemv`` (CUDA-core GEMV), ``mma`` (``skinny``: up to 16 rows, the weight decoded in
 registers, or with ``TABLE`` through a shared pair table, for tensor-core ``mma.sync``; ``DEPTH``
@@ -58,6 +60,13 @@ def _mma(warps: int, split: int, table: bool = False, depth: int = 1, x_ahead: b
 
 DEQUANT_CONFIG = {"elems_per_program": 2048, "num_warps": 4, "flat_block": 1024}
 
+# 688 programs of 4 warps, each walking half the segments one of 2 warps did; 72 registers keep 6
+# programs per SM, so all run in one wave; scales decoded a step ahead and activations at use (with
+# activations ahead: 15.4 us); in tiles 13.6-13.8 us against 14.3-14.4 row-major (kernels-tiled, 3
+# runs), where the L2 hint no longer pays (13.65-13.75 us without it against 13.71-13.82); 688
+# programs leave 28 SMs a sixth: balanced, 12.81 us against 13.52 (kernels-balance, steady windows)
+_M1_11008 = _mma(4, 1, table=True, x_ahead=False, maxnreg=72, scale_ahead=True, balance=True)
+
 FORWARD = {
     (4096, 4096): {
         1: ('mma', _mma(4, 1, table=True, depth=2, x_ahead=False, rows=8, late=True)),  # 8.1 us vs 8.4 (kernels-tiled, 2 runs)
@@ -87,16 +96,11 @@ FORWARD = {
         4096: ('overlap', 12582912),  # 1024-row chunks: 497.2 us vs 540.0 whole (kernels-overlap-trials)
     },
     (11008, 4096): {
-        # 4 warps, each walking half the segments one of 2 warps did; 72 registers keep 6 programs per SM,
-        # so all 688 run in one wave
-        # scales decoded a step ahead and activations at use (with activations ahead: 15.4 us)
-        # in tiles 13.6-13.8 us against 14.3-14.4 row-major (kernels-tiled, 3 runs); in tiles the L2 hint no longer
-        # pays: 13.65-13.75 us without it against 13.71-13.82 with it (kernels-tiled, 2 runs of 2 passes)
-        # 688 programs leave 28 SMs a sixth: balanced, 12.81 us against 13.52 (kernels-balance, steady windows)
-        1: ('mma', _mma(4, 1, table=True, x_ahead=False, maxnreg=72, scale_ahead=True, balance=True)),
-        2: ('mma', _mma(4, 1, table=True, hint=True, maxnreg=72, balance=True)),  # 13.77 us vs 14.11 unbalanced (kernels-balance)
-        4: ('mma', _mma(4, 1, table=True, hint=True, maxnreg=72, balance=True)),  # 14.69 us vs 15.32 unbalanced (kernels-balance)
-        8: ('mma', _mma(4, 1, table=True, shared_scales=True, hint=True, unroll=2)),  # 18.9 us vs 19.6 (kernels-tiled, 2 runs)
+        1: ('mma', _M1_11008),
+        # the M = 1 plan serves 2-4 rows too, and the plan that 2-4 rows had serves 8 (kernels-gpu-plans, 2-4 runs)
+        2: ('mma', _M1_11008),  # 13.11-13.12 us vs 13.74-13.75 (H200: 12.96 vs 13.30)
+        4: ('mma', _M1_11008),  # 13.86-14.02 us vs 14.49-14.59 (H200: 14.09-14.21 vs 14.39-14.50)
+        8: ('mma', _mma(4, 1, table=True, hint=True, maxnreg=72, balance=True)),  # 17.00-17.11 us vs 18.56-18.57 (H200: 17.51 vs 18.92)
         12: ('mma', _mma(2, 1)),  # 22.6 us vs 31.5 fused
         16: ('mma', _mma(2, 1, depth=2, shared_scales=True, steady=True, hint=True)),  # 22.1-22.4 us vs 22.2-22.6 (kernels-l2-hint, 2 runs)
         64: ('fused', {'BM': 64, 'BN': 64, 'BK': 128, 'SPLIT_K': 2, 'W_IS_A': False, 'num_warps': 4, 'num_stages': 3}),  # 45.7 us
@@ -107,7 +111,7 @@ FORWARD = {
     (14336, 4096): {
         1: ('mma', _mma(4, 1, table=True, depth=2, x_ahead=False, hint=True, unroll=2)),  # 19.7 us vs 20.0 (kernels-unroll)
         2: ('mma', _mma(4, 1, table=True, shared_scales=True, hint=True, unroll=2)),  # 19.1-19.3 us vs 19.6-19.7 (kernels-tiled, 2 runs)
-        4: ('mma', _mma(4, 1, table=True, shared_scales=True, hint=True, unroll=2)),  # 21.2 us vs 21.6 (kernels-unroll)
+        4: ('mma', _mma(4, 1, table=True, shared_scales=True, unroll=2)),  # 19.56-19.67 us vs 19.71-19.88 with the L2 hint (kernels-gpu-plans, 4 runs; H200: 18.14-18.31 vs 18.24-18.41)
         8: ('mma', _mma(4, 1, table=True, shared_scales=True, unroll=2)),  # 23.0 us vs 23.3 (kernels-unroll)
         12: ('mma', _mma(4, 1)),  # 26.8 us vs 36.8 fused
         # every step is steady here; the unrolled build of the (unused) masked loop still ran faster, in both runs
@@ -118,6 +122,38 @@ FORWARD = {
         4096: ('overlap', 8388608),  # 702.1 us vs 771.6 whole (alternating rounds)
     },
 }
+
+# Entries where one GPU runs another plan faster than the H100's choice, by ``gpu_family``
+# (results/kernels-gpu-plans.json: every distinct skinny plan against the shipped one, alternating
+# rounds of steady windows from HBM, 2-3 runs on each GPU). An H200 runs the skinny kernels in about
+# an H100's time (they read about 1.8 TB/s on both, so its 1.4x faster memory is not what bounds
+# them), but these two entries run faster there with the plan named; on an H100 both lose (14.68-14.70
+# us against 14.42-14.50, and 7.99-8.03 against 7.89-7.92).
+GPU_FORWARD: dict[str, dict[tuple[int, int], dict[int, tuple[str, object]]]] = {
+    "H200": {
+        (4096, 11008): {4: FORWARD[(4096, 11008)][1]},  # 13.53-13.65 us vs 14.28-14.41 (3 runs)
+        (4096, 4096): {1: FORWARD[(14336, 4096)][1]},  # 7.59-7.67 us vs 7.95-8.00 (3 runs)
+    },
+}
+
+
+def family_of(device_name: str) -> str:
+    """The ``GPU_FORWARD`` key for a GPU's name (``torch.cuda.get_device_name``), or ``""``."""
+    return next((family for family in GPU_FORWARD if family in device_name.split()), "")
+
+
+@functools.cache
+def gpu_family(device: torch.device) -> str:
+    """The ``GPU_FORWARD`` key of the GPU that ``device`` names; ``""`` for other GPUs and the CPU."""
+    return family_of(torch.cuda.get_device_name(device)) if device.type == "cuda" else ""
+
+
+@functools.cache
+def _forward_table(family: str) -> dict:
+    """``FORWARD`` with ``family``'s entries of ``GPU_FORWARD`` in place of the H100's."""
+    overrides = GPU_FORWARD.get(family, {})
+    return {shape: {**by_m, **overrides.get(shape, {})} for shape, by_m in FORWARD.items()}
+
 
 BACKWARD = {
     (4096, 4096): {
@@ -236,7 +272,7 @@ def mma_plans() -> list[tuple[int, dict]]:
     """``(m, config)`` of every distinct skinny (``mma``) plan of the forward tables, one ``m`` per
     config and B-tile count (1-8 or 9-16 activation rows compile to different kernels)."""
     plans: dict[tuple, tuple[int, dict]] = {}
-    for by_m in FORWARD.values():
+    for by_m in [entry for family in ("", *GPU_FORWARD) for entry in _forward_table(family).values()]:
         for m, (kind, config) in by_m.items():
             if kind == "mma":
                 plans.setdefault((m > 8,) + tuple(sorted(config.items())), (m, config))
@@ -259,11 +295,12 @@ def blocks_per_step(config: dict, blocksize: int) -> dict:
 
 
 @functools.lru_cache(maxsize=4096)  # asked on every call; the answer depends only on the arguments
-def forward_plan(m: int, n: int, k: int, blocksize: int, dtype: torch.dtype) -> tuple[str, object]:
-    """``("gemv1" | "gemv" | "fused", config)`` or ``("chunked" | "overlap", chunk_elems)`` for ``[m, k] @ [n, k].T``."""
+def forward_plan(m: int, n: int, k: int, blocksize: int, dtype: torch.dtype, family: str = "") -> tuple[str, object]:
+    """``("gemv1" | "gemv" | "mma" | "fused", config)`` or ``("chunked" | "overlap", chunk_elems)`` for
+    ``[m, k] @ [n, k].T`` on a GPU of ``family`` (see ``gpu_family``)."""
     if dtype == torch.float32:  # tl.dot would round fp32 to tf32; CUDA cores or cuBLAS keep fp32
         return ("gemv", blocks_per_step(GEMV_FALLBACK, blocksize)) if m <= 16 else ("chunked", None)
-    kind, config = _lookup(FORWARD, m, n, k)
+    kind, config = _lookup(_forward_table(family), m, n, k)
     return (kind, config) if kind in ("chunked", "overlap", "gemv1", "mma") else (kind, blocks_per_step(config, blocksize))
 
 
