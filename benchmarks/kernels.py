@@ -259,6 +259,7 @@ def run(shapes, ms, candidates: dict, with_bnb: bool, rounds: int, save) -> dict
     """Baselines, peftlab's current plan and every candidate config, for each shape and M, all
     timed in the same alternating rounds (``time_rounds``); each row keeps every round's times."""
     rows, dequant = [], []
+    family = tuning.gpu_family(torch.device("cuda", torch.cuda.current_device()))  # which table entries apply
     for n, k in shapes:
         t0 = time.time()
         ops = Operands(n, k, copies_for(n * k * 2), copies_for(n * k // 2), with_bnb)
@@ -287,7 +288,6 @@ def run(shapes, ms, candidates: dict, with_bnb: bool, rounds: int, save) -> dict
             variants["peftlab"] = [lambda i=i, p=p, s=s: nf4_matmul(xs[i], p, s) for i, (p, s, _) in enumerate(ops.nf4)]
             variants["bwd_peftlab"] = [lambda i=i, p=p, s=s: nf4_matmul_grad_input(gs[i], p, s) for i, (p, s, _) in enumerate(ops.nf4)]
             variants["cublas_repeat"], variants["peftlab_repeat"] = variants["cublas"], variants["peftlab"]  # own graphs
-            family = tuning.gpu_family(torch.device("cuda", torch.cuda.current_device()))
             row = {"N": n, "K": k, "M": m, "peftlab_plan": tuning.forward_plan(m, n, k, 64, DTYPE, family),
                    "bwd_peftlab_plan": tuning.grad_input_plan(m, n, k, 64, DTYPE)}
             forward, backward = [], []

@@ -906,7 +906,8 @@ def matmul(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, config
     _skinny_kernel[grid](
         x.view(torch.int64), weight.packed.view(torch.int64), weight.code, *weight.scale_args(),
         bias if bias is not None else x, target, m, weight.n, k, weight.k_blocks, out.stride(0), per_split,
-        stash, counts, full, TAIL=parts, BS=weight.blocksize, NW=config["num_warps"], TILES=tiles, SPLIT=split, HAS_BIAS=bias is not None and split == 1,
+        stash, counts, full, TAIL=parts, BS=weight.blocksize, NW=config["num_warps"], TILES=tiles, SPLIT=split,
+        HAS_BIAS=bias is not None and split == 1,
         NESTED=weight.nested, F16=x.dtype == torch.float16, TABLE=table, DEPTH=config.get("DEPTH", 1),
         X_AHEAD=config.get("X_AHEAD", True), SHARED_SCALES=shared, SCALE_BLOCKS=triton.next_power_of_2(blocks),
         SCALE_DECL=scale_table_decl(blocks) if shared else "",
